@@ -1,0 +1,41 @@
+"""hf_decorr: the covariance penalty of Kågebäck & Mogren (2017) for Hugging Face Transformers.
+
+``Loss = task loss + λ · Σ_layers L_Σ`` with ``L_Σ = (1/p²) Σ_{i,j} |C_ij|``, ``C`` the sample
+covariance (``1/(N−1)``) of a layer's activations over the batch.
+"""
+
+__version__ = "0.1.0"
+
+from .capture import HiddenStateCapture, find_block_stacks, resolve_layers
+from .config import (
+    DECORR_CONFIG_NAME,
+    DecorrConfig,
+    DecorrSeq2SeqTrainingArguments,
+    DecorrTrainingArguments,
+)
+from .metrics import CovarianceAccumulator, decorrelation_metrics
+from .penalties import PENALTIES, decorrelation_penalty, masked_covariance
+from .pooling import mask_from_inputs, pool_hidden
+from .trainer import MODEL_TAG, DecorrSeq2SeqTrainer, DecorrTrainer, DecorrTrainerMixin
+
+__all__ = [
+    "__version__",
+    "DecorrConfig",
+    "DecorrTrainingArguments",
+    "DecorrSeq2SeqTrainingArguments",
+    "DecorrTrainerMixin",
+    "DecorrTrainer",
+    "DecorrSeq2SeqTrainer",
+    "DECORR_CONFIG_NAME",
+    "MODEL_TAG",
+    "PENALTIES",
+    "decorrelation_penalty",
+    "masked_covariance",
+    "CovarianceAccumulator",
+    "decorrelation_metrics",
+    "HiddenStateCapture",
+    "find_block_stacks",
+    "resolve_layers",
+    "pool_hidden",
+    "mask_from_inputs",
+]

@@ -1,0 +1,186 @@
+"""Configuration of the decorrelation penalty: a dataclass mixin for ``TrainingArguments``.
+
+``DecorrConfig`` must come *before* ``TrainingArguments`` in the bases, because
+``TrainingArguments.__post_init__`` does not call ``super()``::
+
+    @dataclass
+    class MyArgs(DecorrConfig, TrainingArguments): ...
+
+Every field has ``help`` metadata, so ``HfArgumentParser`` turns them into CLI flags
+(``--decorr_weight 0.1 --decorr_layers -1 -2``) and reads them from YAML.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
+
+from .penalties import PENALTIES
+from .pooling import MASK_SOURCES, POOLINGS
+
+__all__ = [
+    "DecorrConfig",
+    "DecorrTrainingArguments",
+    "DecorrSeq2SeqTrainingArguments",
+    "DECORR_CONFIG_NAME",
+    "DEFAULT_DECORR_WEIGHT",
+    "SYNC_MODES",
+]
+
+DECORR_CONFIG_NAME = "decorr_config.json"
+SYNC_MODES = ("global", "local")
+# Chosen by measurement on pretrained MiniLM / SST-2: see README, "Choosing λ".
+DEFAULT_DECORR_WEIGHT = 1.0
+
+
+@dataclass
+class DecorrConfig:
+    """Settings of the covariance penalty ``λ · Σ_layers L_Σ`` (Kågebäck & Mogren 2017)."""
+
+    decorr_weight: float = field(
+        default=DEFAULT_DECORR_WEIGHT,
+        metadata={
+            "help": "λ, the weight of the penalty: loss = task loss + λ_t · Σ_layers L_Σ. 0 trains exactly like a "
+            "plain Trainer and only logs the penalty."
+        },
+    )
+    decorr_layers: list[str] = field(
+        default_factory=lambda: ["last"],
+        metadata={
+            "help": "Layers to penalise: 'last', 'all', indices into the stack of transformer blocks ('-1', '0'), "
+            "'encoder:-1' / 'decoder:0' for encoder-decoder models, or module-name globs ('model.layers.*.mlp')."
+        },
+    )
+    decorr_penalty: str = field(
+        default="cov_l1",
+        metadata={
+            "help": "Penalty: 'cov_l1' (the paper's L_Σ), 'decov', 'vicreg' (covariance term) or 'l1' (L1 activation).",
+            "choices": list(PENALTIES),
+        },
+    )
+    decorr_pooling: str = field(
+        default="tokens",
+        metadata={
+            "help": "What a sample is for (batch, sequence, p) outputs: 'tokens' (every non-padding token), 'mean' "
+            "(masked mean per sequence), 'first' or 'last' (first / last non-padding token).",
+            "choices": list(POOLINGS),
+        },
+    )
+    decorr_mask: str = field(
+        default="attention_mask",
+        metadata={
+            "help": "Which positions count as samples: 'attention_mask' (non-padding) or 'labels' (positions whose "
+            "label is not -100, e.g. completion tokens only).",
+            "choices": list(MASK_SOURCES),
+        },
+    )
+    decorr_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Ramp λ linearly from λ/W to λ over the first W optimizer steps (0: constant λ)."},
+    )
+    decorr_sync: str = field(
+        default="global",
+        metadata={
+            "help": "With several processes: 'global' takes the covariance over the samples of all processes (the "
+            "paper's batch covariance, differentiable); 'local' over each process's shard.",
+            "choices": list(SYNC_MODES),
+        },
+    )
+    decorr_eval_metrics: bool = field(
+        default=True,
+        metadata={"help": "Add eval_decorr_* metrics (MAPC, CVR, TdV, UD, ...) computed over the whole eval set."},
+    )
+    decorr_top_d: int = field(
+        default=10, metadata={"help": "d of the TdV metric: the variance share of the d units of largest variance."}
+    )
+    decorr_variance_share: float = field(
+        default=0.9, metadata={"help": "Variance share of the UD metric (0.9 gives the paper's UD_90%)."}
+    )
+    decorr_log_per_layer: bool = field(
+        default=True, metadata={"help": "Also log the penalty and eval metrics of each layer, not only their mean."}
+    )
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        self._validate_decorr()
+
+    def _validate_decorr(self) -> None:
+        weight = self.decorr_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"decorr_weight must be a number >= 0, got {weight!r}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"decorr_weight must be a finite number >= 0, got {weight!r}")
+        self.decorr_weight = float(weight)
+        layers = self.decorr_layers
+        if isinstance(layers, (str, int)):
+            layers = [layers]
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise ValueError(f"decorr_layers must be a non-empty list of layer specs, got {self.decorr_layers!r}")
+        self.decorr_layers = [str(spec).strip() for spec in layers]
+        if any(not spec for spec in self.decorr_layers):
+            raise ValueError(f"decorr_layers holds an empty spec: {self.decorr_layers!r}")
+        for name, value, choices in (
+            ("decorr_penalty", self.decorr_penalty, list(PENALTIES)),
+            ("decorr_pooling", self.decorr_pooling, list(POOLINGS)),
+            ("decorr_mask", self.decorr_mask, list(MASK_SOURCES)),
+            ("decorr_sync", self.decorr_sync, list(SYNC_MODES)),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not valid; choose one of {choices}")
+        if isinstance(self.decorr_warmup_steps, bool) or not isinstance(self.decorr_warmup_steps, int):
+            raise ValueError(f"decorr_warmup_steps must be an integer >= 0, got {self.decorr_warmup_steps!r}")
+        if self.decorr_warmup_steps < 0:
+            raise ValueError(f"decorr_warmup_steps must be >= 0, got {self.decorr_warmup_steps}")
+        if isinstance(self.decorr_top_d, bool) or not isinstance(self.decorr_top_d, int) or self.decorr_top_d < 1:
+            raise ValueError(f"decorr_top_d must be an integer >= 1, got {self.decorr_top_d!r}")
+        share = self.decorr_variance_share
+        if not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
+            raise ValueError(f"decorr_variance_share must be in (0, 1], got {share!r}")
+
+    def decorr_weight_at(self, step: int) -> float:
+        """λ at optimizer step ``step`` (0-based): ``λ · min(1, (step + 1) / decorr_warmup_steps)``."""
+        if self.decorr_warmup_steps <= 0:
+            return self.decorr_weight
+        return self.decorr_weight * min(1.0, (step + 1) / self.decorr_warmup_steps)
+
+    def decorr_dict(self) -> dict[str, Any]:
+        """The decorr settings alone, as saved in ``decorr_config.json``."""
+        from . import __version__
+
+        out = {f.name: getattr(self, f.name) for f in fields(DecorrConfig)}
+        out["hf_decorr_version"] = __version__
+        return out
+
+    def save_decorr_config(self, directory: str | os.PathLike) -> str:
+        """Write ``decorr_config.json`` into ``directory`` atomically; returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, DECORR_CONFIG_NAME)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".decorr_config.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.decorr_dict(), f, indent=2, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+
+@dataclass
+class DecorrTrainingArguments(DecorrConfig, TrainingArguments):
+    """``TrainingArguments`` plus the decorr settings of :class:`DecorrConfig`."""
+
+
+@dataclass
+class DecorrSeq2SeqTrainingArguments(DecorrConfig, Seq2SeqTrainingArguments):
+    """``Seq2SeqTrainingArguments`` plus the decorr settings of :class:`DecorrConfig`."""

@@ -1,0 +1,370 @@
+"""``DecorrTrainerMixin``: adds ``λ_t · Σ_layers L_Σ`` to any ``Trainer``'s training loss.
+
+Per training micro-batch the loss returned to ``training_step`` is
+
+    task_loss + (λ_t / s) · Σ_layers P_layer,          s = 1 if training_step divides by the
+                                                         accumulation steps, else the number
+                                                         of micro-batches of this optimizer step
+
+so one optimizer step always receives ``λ_t × mean over micro-batches of ∂P/∂θ`` whatever
+``gradient_accumulation_steps`` is and whether the model consumes ``num_items_in_batch``
+(``training_step``'s rule is mirrored in :meth:`DecorrTrainerMixin._decorr_trainer_divides`).
+``P_layer`` is computed from the outputs of the chosen modules, captured by forward hooks
+that are only active inside the training forward and the evaluation's prediction steps.
+
+Evaluation leaves ``eval_loss`` the task loss and adds ``eval_decorr_*`` metrics computed from
+float64 sufficient statistics of the whole evaluation set. Training logs carry ``task_loss``,
+``decorr_loss`` (``Σ_layers P``, before λ), ``decorr_weight`` (``λ_t``) and per-layer values,
+averaged over the logging window and over processes; they are accumulated as device tensors
+and read once per logging step, so the training step itself never waits on the host.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer_utils import unwrap_peft_model
+
+from .capture import HiddenStateCapture, resolve_layers
+from .config import DecorrConfig
+from .distributed import all_reduce_sum, choose_strategy, global_penalty, world_size
+from .metrics import CovarianceAccumulator, decorrelation_metrics
+from .penalties import decorrelation_penalty
+from .pooling import mask_from_inputs, pool_hidden
+
+__all__ = ["DecorrTrainerMixin", "DecorrTrainer", "DecorrSeq2SeqTrainer", "MODEL_TAG"]
+
+MODEL_TAG = "hf-decorr"
+
+
+@dataclass
+class _Samples:
+    """One penalised layer's samples for this step: ``x (N, p)``, validity ``mask (N,)``."""
+
+    name: str
+    x: torch.Tensor
+    mask: torch.Tensor | None
+    group: tuple  # rank-independent key: layers with equal keys are stacked into one kernel
+    rows_bound: int | None
+
+
+class _LogWindow:
+    """Device-side sums of the values logged at the next logging step."""
+
+    def __init__(self) -> None:
+        self.task: torch.Tensor | None = None
+        self.layers: torch.Tensor | None = None
+        self.few: torch.Tensor | None = None
+        self.micro = 0
+        self.weight_sum = 0.0
+        self.start_step: int | None = None
+
+    def add(self, task: torch.Tensor, layers: torch.Tensor, few: torch.Tensor, weight: float, step: int) -> None:
+        if self.micro == 0:
+            self.task, self.layers, self.few, self.start_step = task, layers, few, step
+        else:
+            self.task, self.layers, self.few = self.task + task, self.layers + layers, self.few + few
+        self.micro += 1
+        self.weight_sum += weight
+
+
+class DecorrTrainerMixin:
+    """Mix into any ``transformers.Trainer`` subclass, *before* it in the bases.
+
+    ``args`` must be a :class:`~hf_decorr.config.DecorrConfig` (for example
+    :class:`~hf_decorr.config.DecorrTrainingArguments`). Layer specs are resolved when the
+    trainer is built, so a bad ``decorr_layers`` fails before training starts.
+    """
+
+    args: DecorrConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, DecorrConfig):
+            raise TypeError(
+                f"{type(self).__name__} needs args that include the decorr settings, e.g. DecorrTrainingArguments; "
+                f"got {type(self.args).__name__}"
+            )
+        if getattr(self.args, "n_gpu", 1) > 1:
+            raise ValueError(
+                "hf_decorr does not support torch.nn.DataParallel (several GPUs in one process): its replicas run the "
+                "hooks on copies of the layers. Launch one process per GPU with `accelerate launch` or `torchrun`."
+            )
+        self._decorr_capture: HiddenStateCapture | None = None
+        self._decorr_hooked: nn.Module | None = None
+        self._decorr_layer_names: list[str] = []
+        self._decorr_decoder_side: dict[str, bool] = {}
+        self._decorr_window = _LogWindow()
+        self._decorr_eval_stats: dict[str, CovarianceAccumulator] | None = None
+        self._decorr_warned: set[str] = set()
+        if self.model is not None:
+            base = self._decorr_prepare(self.model)
+            if hasattr(base, "add_model_tags"):
+                base.add_model_tags([MODEL_TAG])
+
+    # ---- layers and hooks ------------------------------------------------------------------
+
+    def _decorr_unwrap(self, model: nn.Module) -> nn.Module:
+        """The model without DDP / DeepSpeed / compile wrappers and without the PEFT wrapper."""
+        return unwrap_peft_model(self.accelerator.unwrap_model(model))
+
+    def _decorr_prepare(self, model: nn.Module) -> nn.Module:
+        """Resolve ``decorr_layers`` on ``model`` and hook the modules (once per model object)."""
+        base = self._decorr_unwrap(model)
+        if self._decorr_hooked is base:
+            return base
+        if self._decorr_capture is not None:
+            self._decorr_capture.detach()
+        names = resolve_layers(base, self.args.decorr_layers)
+        modules = dict(base.named_modules())
+        encoder_decoder = bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
+        self._decorr_layer_names = names
+        self._decorr_decoder_side = {
+            name: encoder_decoder and any(part.startswith("decoder") for part in name.split(".")) for name in names
+        }
+        self._decorr_capture = HiddenStateCapture({name: modules[name] for name in names})
+        self._decorr_capture.attach()
+        self._decorr_hooked = base
+        return base
+
+    @property
+    def decorr_layer_names(self) -> list[str]:
+        """Names of the penalised modules, relative to the unwrapped model."""
+        return list(self._decorr_layer_names)
+
+    def _decorr_warn_once(self, key: str, message: str) -> None:
+        if key not in self._decorr_warned:
+            self._decorr_warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    def _decorr_samples(self, captured: dict[str, torch.Tensor], inputs: dict, strict: bool) -> list[_Samples]:
+        """Pool every captured output into samples, with the mask of its side of the model."""
+        masks: dict[bool, torch.Tensor | None] = {}
+        out = []
+        for name in self._decorr_layer_names:
+            hidden = captured.get(name)
+            if hidden is None:
+                if strict:
+                    raise RuntimeError(
+                        f"decorr_layers: module {name!r} did not run during the forward pass, so it cannot be "
+                        "penalised; choose a module that the model's forward uses"
+                    )
+                continue
+            decoder = self._decorr_decoder_side[name]
+            if decoder not in masks:
+                masks[decoder] = mask_from_inputs(inputs, decoder_side=decoder, source=self.args.decorr_mask)
+            try:
+                x, mask = pool_hidden(hidden, masks[decoder], self.args.decorr_pooling, name)
+            except ValueError:
+                if strict:
+                    raise
+                self._decorr_warn_once(
+                    f"eval-shape-{name}",
+                    f"decorr: skipping {name!r} for an evaluation batch whose output shape {tuple(hidden.shape)} does "
+                    "not fit the batch's mask (e.g. a generation step)",
+                )
+                continue
+            pooled = hidden.dim() == 2 or self.args.decorr_pooling != "tokens"
+            rows_bound = self.args.per_device_train_batch_size if pooled else None
+            out.append(_Samples(name, x, mask, (x.shape[-1], decoder, pooled, x.dtype, x.device), rows_bound))
+        return out
+
+    def _decorr_penalties(self, samples: list[_Samples]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer penalties ``(L,)`` in layer order and the number of layers with < 2 samples.
+
+        Layers of one group (same width, side and sample kind) are stacked into one batched
+        kernel; with ``decorr_sync="global"`` and several processes the covariance is taken over
+        the samples of all processes.
+        """
+        kind = self.args.decorr_penalty
+        world = world_size()
+        sync = world > 1 and self.args.decorr_sync == "global"
+        groups: dict[tuple, list[int]] = {}
+        for i, sample in enumerate(samples):
+            groups.setdefault(sample.group, []).append(i)
+        values: list[torch.Tensor | None] = [None] * len(samples)
+        few = []
+        for members in groups.values():
+            xs = [samples[i].x for i in members]
+            ms = [samples[i].mask for i in members]
+            h = xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+            if all(m is None for m in ms):
+                mask = None
+                rows = h.shape[-2]
+                if rows < 2 and not sync:
+                    self._decorr_warn_once(
+                        "few", f"decorr: a batch has {rows} sample(s); the penalty needs 2 and is 0 for it"
+                    )
+            else:
+                mask = torch.stack([torch.ones(h.shape[-2], dtype=torch.bool, device=h.device) if m is None else m
+                                    for m in ms])
+                few.append((mask.sum(dim=-1) < 2).sum())
+            if sync:
+                bound = samples[members[0]].rows_bound
+                strategy = choose_strategy(h.shape[-1], bound, world)
+                result = global_penalty(h, mask, kind, strategy=strategy, rows_bound=bound)
+            else:
+                result = decorrelation_penalty(h, mask, kind)
+            for j, i in enumerate(members):
+                values[i] = result[j]
+        per_layer = torch.stack(values) if values else torch.zeros(0)
+        few_count = torch.stack(few).sum() if few else torch.zeros((), device=per_layer.device)
+        return per_layer, few_count
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def _decorr_trainer_divides(self, num_items_in_batch) -> bool:
+        """Whether ``training_step`` divides the returned loss by the accumulation steps (its rule)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        return not scaled
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._decorr_prepare(model)
+        capture = self._decorr_capture
+        if not (model.training and torch.is_grad_enabled()):
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        capture.clear()
+        capture.mode = "train"
+        try:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        finally:
+            capture.mode = "off"
+        loss, outputs = result if return_outputs else (result, None)
+        captured = dict(capture.outputs)
+        capture.clear()
+
+        weight = self.args.decorr_weight_at(self.state.global_step)
+        if weight > 0:
+            for name, hidden in captured.items():
+                if not hidden.requires_grad:
+                    raise RuntimeError(
+                        f"decorr_layers: the output of {name!r} does not require grad, so the penalty cannot train "
+                        "anything through it: either no trainable parameter feeds it (frozen or PEFT-only layers "
+                        "above it) or it runs inside a reentrant gradient-checkpointing region (use "
+                        "gradient_checkpointing_kwargs={'use_reentrant': False})"
+                    )
+        else:
+            captured = {name: hidden.detach() for name, hidden in captured.items()}
+        samples = self._decorr_samples(captured, inputs, strict=True)
+        per_layer, few = self._decorr_penalties(samples)
+
+        divides = self._decorr_trainer_divides(num_items_in_batch)
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        task = loss.detach() / steps if divides else loss.detach()
+        if weight > 0:
+            scale = weight if divides else weight / steps
+            loss = loss + (scale * per_layer.sum()).to(loss.dtype)
+        self._decorr_window.add(task.float(), per_layer.detach().float(), few, weight, self.state.global_step)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._decorr_window.micro:
+            logs.update(self._decorr_flush_window())
+        super().log(logs, start_time)
+
+    def _decorr_flush_window(self) -> dict[str, float]:
+        window, self._decorr_window = self._decorr_window, _LogWindow()
+        values = torch.cat([window.task.reshape(1), window.layers, window.few.float().reshape(1).to(window.task)])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.gather(values.unsqueeze(0)).mean(dim=0)
+        values = values.tolist()
+        optimizer_steps = max(1, self.state.global_step - (window.start_step or 0))
+        layers = [v / window.micro for v in values[1:-1]]
+        logs = {
+            "task_loss": values[0] / optimizer_steps,
+            "decorr_loss": sum(layers),
+            "decorr_weight": window.weight_sum / window.micro,
+        }
+        if self.args.decorr_log_per_layer and len(layers) > 1:
+            logs.update({f"decorr_loss/{name}": v for name, v in zip(self._decorr_layer_names, layers)})
+        if values[-1] > 0:
+            self._decorr_warn_once(
+                "few", "decorr: some batches had fewer than 2 valid samples in a layer; the penalty was 0 for them"
+            )
+        return logs
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **kwargs):
+        stats = self._decorr_eval_stats
+        if stats is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **kwargs)
+        self._decorr_prepare(model)
+        capture = self._decorr_capture
+        capture.clear()
+        capture.mode = "eval"
+        try:
+            result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **kwargs)
+        finally:
+            capture.mode = "off"
+        captured = dict(capture.outputs)
+        capture.clear()
+        for sample in self._decorr_samples(captured, inputs, strict=False):
+            stats.setdefault(sample.name, CovarianceAccumulator()).update(sample.x, sample.mask)
+        return result
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        if not self.args.decorr_eval_metrics:
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                           metric_key_prefix)
+        self._decorr_eval_stats = {}
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            stats = self._decorr_eval_stats
+        finally:
+            self._decorr_eval_stats = None
+        if output.metrics is not None:
+            output.metrics.update(self.decorr_metrics_from_stats(stats, prefix=f"{metric_key_prefix}_decorr"))
+        return output
+
+    def decorr_metrics_from_stats(self, stats: dict[str, CovarianceAccumulator], prefix: str) -> dict[str, float]:
+        """Sum the statistics over processes, then compute the paper's metrics per layer and their mean."""
+        per_layer: dict[str, dict[str, float]] = {}
+        for name in self._decorr_layer_names:
+            acc = stats.get(name)
+            if acc is None or acc.empty:
+                continue
+            if world_size() > 1:
+                acc.count, acc.sum, acc.outer = (all_reduce_sum(t) for t in (acc.count, acc.sum, acc.outer))
+            per_layer[name] = decorrelation_metrics(
+                acc.covariance(), top_d=self.args.decorr_top_d, variance_share=self.args.decorr_variance_share,
+                samples=float(acc.count),
+            )
+        out: dict[str, float] = {}
+        if not per_layer:
+            return out
+        for key in next(iter(per_layer.values())):
+            out[f"{prefix}_{key}"] = sum(m[key] for m in per_layer.values()) / len(per_layer)
+        if self.args.decorr_log_per_layer and len(per_layer) > 1:
+            for name, metrics in per_layer.items():
+                out.update({f"{prefix}_{key}/{name}": value for key, value in metrics.items()})
+        return out
+
+    # ---- saving ------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            self.args.save_decorr_config(output_dir if output_dir is not None else self.args.output_dir)
+
+
+class DecorrTrainer(DecorrTrainerMixin, Trainer):
+    """``transformers.Trainer`` with the covariance penalty (see :class:`DecorrTrainerMixin`)."""
+
+
+class DecorrSeq2SeqTrainer(DecorrTrainerMixin, Seq2SeqTrainer):
+    """``transformers.Seq2SeqTrainer`` with the covariance penalty (see :class:`DecorrTrainerMixin`)."""
