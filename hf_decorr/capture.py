@@ -7,19 +7,19 @@ PEFT wrapper, so names look like ``bert.encoder.layer.5``):
 * ``-1``, ``0``, …: Python-style index into each block stack.
 * ``encoder:-1``, ``decoder:0``: an index into the stack(s) whose name contains that
   dotted component (for encoder-decoder models such as T5).
-* anything else is a glob over module names (``fnmatch``), e.g. ``model.layers.*.mlp``,
-  ``encoder.block.*``, or an exact name such as ``code``.
+* anything else is a glob over dotted module names, where ``*`` matches within one name
+  component and ``**`` across components: ``model.layers.*.mlp``, ``encoder.block.*``,
+  ``**.mlp``, or an exact name such as ``code``.
 
 A *block stack* is found without per-architecture tables: it is an ``nn.ModuleList`` whose
 children all have the same class and own parameters, not nested inside another such list,
 and holding at least half as many parameters as the largest one. That finds
-``bert.encoder.layer``, ``transformer.h``, ``model.layers``, ``vit.encoder.layer`` and both
+``bert.encoder.layer``, ``transformer.h``, ``model.layers``, ``vit.layers`` (ViT) and both
 ``encoder.block`` and ``decoder.block`` of T5.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -71,6 +71,26 @@ def find_block_stacks(model: nn.Module) -> list[BlockStack]:
     ]
 
 
+def _glob_regex(pattern: str) -> re.Pattern:
+    """``*`` matches inside one dotted component, ``**`` across components, ``?`` one character."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append(r"[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append(r"[^.]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def _describe(model: nn.Module, stacks: Sequence[BlockStack]) -> str:
     lines = []
     if stacks:
@@ -120,7 +140,7 @@ def resolve_layers(model: nn.Module, specs: Iterable[str]) -> list[str]:
             resolved += [block for stack in need_stacks(spec) for block in stack.blocks]
         elif spec == "last":
             resolved += [stack.blocks[-1] for stack in need_stacks(spec)]
-        elif _INDEX.match(spec):
+        elif _INDEX.match(spec) and (stacks or spec not in names):
             resolved += [_index(stack, int(spec), spec, model, stacks) for stack in need_stacks(spec)]
         elif (match := _QUALIFIED_INDEX.match(spec)) is not None:
             chosen = [s for s in need_stacks(spec) if _stack_matches(s, match["stack"])]
@@ -131,7 +151,8 @@ def resolve_layers(model: nn.Module, specs: Iterable[str]) -> list[str]:
                 )
             resolved += [_index(stack, int(match["index"]), spec, model, stacks) for stack in chosen]
         else:
-            found = [name for name in names if name and fnmatch.fnmatchcase(name, spec)]
+            regex = _glob_regex(spec)
+            found = [name for name in names if name and regex.match(name)]
             if not found:
                 raise ValueError(
                     f"decorr_layers entry {spec!r} matches no module (valid forms: 'last', 'all', an index such as "
@@ -181,6 +202,7 @@ class HiddenStateCapture:
         self.modules = dict(modules)
         self.mode = "off"
         self.outputs: dict[str, torch.Tensor] = {}
+        self.ran_without_grad: set[str] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._warned_repeat = False
 
@@ -198,12 +220,14 @@ class HiddenStateCapture:
 
     def clear(self) -> None:
         self.outputs.clear()
+        self.ran_without_grad.clear()
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if self.mode == "off":
                 return
             if self.mode == "train" and not torch.is_grad_enabled():
+                self.ran_without_grad.add(name)
                 return
             tensor = first_tensor(output)
             if tensor is None:

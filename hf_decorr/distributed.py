@@ -1,120 +1,331 @@
 """The penalty over the samples of all processes, with correct gradients (pure PyTorch).
 
-Under data parallelism each process holds a shard ``H_r`` of the batch. ``decorr_sync="global"``
-computes the covariance of the concatenated batch on every process, through collectives whose
-backward passes route gradients back to the shard that produced them:
+Under data parallelism with ``W`` processes, process ``r`` holds a shard ``H_r`` (``N_r × p``,
+with a 0/1 row mask) of the batch. ``decorr_sync="global"`` computes, on every process, the
+penalty ``P`` of the concatenated batch ``H = [H_1; …; H_W]`` through collectives whose backward
+routes the gradient back to the shard that produced it. Two strategies give the same ``P``:
 
-* **statistics** (the default for token samples): every process computes its count ``n_r``,
-  mean ``μ_r`` and centred scatter ``M_r = Σ_k m_k (h_k − μ_r)(h_k − μ_r)ᵀ``; an autograd
-  all-reduce sums the ``M_r`` (``p²`` numbers) and an autograd all-gather collects the
-  ``(n_r, μ_r)`` (``W·(p+1)`` numbers). The global covariance follows from the parallel
-  (Chan et al.) combination
+* ``"stats"`` (token samples, wide layers): process ``r`` computes its count ``n_r``, mean
+  ``μ_r`` and centred scatter ``M_r = Σ_k m_k (h_k − μ_r)(h_k − μ_r)ᵀ`` (``p × p``); one
+  all-reduce sums the ``M_r`` and one all-gather collects the ``(n_r, μ_r)``. Chan et al.'s
+  parallel combination gives the covariance of the whole batch,
 
-      n = Σ n_r,  μ = Σ n_r μ_r / n,  C = (Σ M_r + Σ n_r (μ_r − μ)(μ_r − μ)ᵀ) / (n − 1),
+      n = Σ n_r,   μ = Σ n_r μ_r / n,   C = (Σ M_r + Σ n_r (μ_r − μ)(μ_r − μ)ᵀ) / (n − c),
 
-  which stays accurate in float32 because nothing is un-centred.
-* **gather**: an autograd all-gather of the (padded) ``N × p`` samples, then the
-  single-process penalty. It moves ``W·N·p`` numbers, fewer than ``p²`` when the samples are
-  pooled sequences (``N`` = per-device batch) and ``W·N < p``.
+  (``c = 1``, or ``0`` for DeCov), accurate in float32 because nothing is un-centred.
+  Per process it moves the ``p²`` scatter (ring all-reduce: ``2(W−1)/W · p²`` values sent and
+  received) plus ``W(p+1)`` values.
+* ``"gather"`` (pooled samples, ``W · rows_bound < p``): the rows, padded to ``rows_bound`` and
+  with the mask as an extra column, are all-gathered (``(W−1) · rows_bound · (p+1)`` values
+  received per process, in the activations' dtype) and the single-process penalty is applied.
 
-Every process then holds the same global penalty ``P``. The collectives' backward sums the
-incoming gradients over processes (``W · ∂P/∂H_r`` on process ``r``) and DDP's gradient
-averaging divides by ``W``: the parameters get ``∂P/∂θ`` of the global loss. A plain
-``all_gather`` without autograd, or re-inserting the local tensor into a gathered list, would
-be off by the factor ``W``.
+Gradients. Every process ends with the same ``P``. The gradient of the sum over processes
+of their (identical) losses with respect to ``H_r`` is ``W · ∂P/∂H_r``; DDP (and FSDP / ZeRO)
+average the parameter gradients over processes, dividing by ``W``, so the parameters receive
+exactly ``∂P/∂θ`` of the global penalty. The collectives' backward must therefore *sum* the
+incoming gradients over processes. Because every process back-propagates the same function of
+the collective's result, that sum is ``W ×`` the local incoming gradient, and the backward
+needs no communication (``replicated_loss=True``, the trainer's case); ``replicated_loss=False``
+performs the sum with one more collective, for callers whose loss differs between processes.
+A plain ``all_gather`` without autograd, or re-inserting the local tensor into a gathered list,
+gives gradients off by the factor ``W``.
+
+Sufficient statistics of the evaluation set (:func:`sum_accumulators`) are summed over
+processes in float64, so metrics do not depend on how the data was sharded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 import torch.distributed as dist
-from torch.distributed.nn import functional as dist_fn
 
+from .metrics import CovarianceAccumulator
 from .penalties import PENALTIES, _CentredGram, _prepare, decorrelation_penalty
 
-__all__ = ["world_size", "global_penalty", "choose_strategy", "STRATEGIES", "all_reduce_sum"]
+__all__ = [
+    "world_size",
+    "rank",
+    "global_penalty",
+    "global_penalty_with_count",
+    "choose_strategy",
+    "communication_volume",
+    "STRATEGIES",
+    "all_reduce_sum",
+    "sum_accumulators",
+    "real_samples_in_batch",
+]
 
 STRATEGIES = ("stats", "gather")
 _CORRECTION = {"cov_l1": 1, "vicreg": 1, "decov": 0}
 
 
 def world_size() -> int:
+    """Number of processes of the default process group; 1 when torch.distributed is not initialised."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def choose_strategy(width: int, rows_bound: int | None, world: int) -> str:
-    """``gather`` when every process has at most ``rows_bound`` samples and ``W·rows_bound < p``.
+def rank() -> int:
+    """Rank of this process in the default process group; 0 when torch.distributed is not initialised."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
-    ``rows_bound`` must be the same on every process (the per-device batch size for pooled
-    samples, ``None`` for token samples, whose count varies with the padding), so that all
-    processes pick the same collective.
+
+# ---- autograd-aware collectives ------------------------------------------------------------------
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``y = Σ_r x_r`` on every process. Backward: ``∂/∂x_r = Σ_r' g_r'`` (the incoming gradients summed)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, replicated: bool) -> torch.Tensor:
+        ctx.replicated = replicated
+        y = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.replicated:  # every process holds the same g: Σ_r' g_r' = W g
+            return grad * world_size(), None
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad, None
+
+
+class _GatherOverRanks(torch.autograd.Function):
+    """``y = stack_r x_r`` of shape ``(W, *x.shape)`` (equal shapes). Backward: ``∂/∂x_r = Σ_r' g_r'[r]``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, replicated: bool) -> torch.Tensor:
+        ctx.replicated = replicated
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.replicated:
+            return grad[rank()] * world_size(), None
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[rank()], None
+
+
+def _sum_over_ranks(x: torch.Tensor, replicated: bool) -> torch.Tensor:
+    return _SumOverRanks.apply(x, replicated)
+
+
+def _gather_over_ranks(x: torch.Tensor, replicated: bool) -> torch.Tensor:
+    return _GatherOverRanks.apply(x, replicated)
+
+
+# ---- strategy ----------------------------------------------------------------------------------
+
+
+def choose_strategy(width: int, rows_bound: int | None, world: int) -> str:
+    """``"gather"`` when every process has at most ``rows_bound`` samples and ``W · rows_bound < p``, else ``"stats"``.
+
+    ``rows_bound`` must be the same on every process (the trainer passes the per-device batch
+    size for pooled samples and ``None`` for token samples, whose count varies with the
+    padding), so that all processes issue the same collectives. Per process, ``gather``
+    receives ``(W−1)·rows_bound·(p+1)`` values and ``stats`` moves about ``2p²`` (see
+    :func:`communication_volume`); ``W·rows_bound < p`` keeps ``gather`` under half of that
+    with room for its larger redundant covariance (``W·rows_bound`` rows on every process).
     """
     if rows_bound is not None and world * rows_bound < width:
         return "gather"
     return "stats"
 
 
-def _stats_covariance(h: torch.Tensor, m: torch.Tensor, correction: int) -> torch.Tensor:
-    """Global covariance ``(..., p, p)`` from local ``h (..., N, p)`` and mask ``m (..., N, 1)``."""
+def communication_volume(strategy: str, width: int, rows: int, world: int, layers: int = 1) -> dict[str, float]:
+    """Values one process sends and receives per training step for ``global`` sync (forward + backward).
+
+    ``rows`` is the per-process sample count (``rows_bound`` for ``gather``). Ring all-reduce of
+    ``n`` values: ``2(W−1)/W · n`` sent and as many received; all-gather of ``n`` values per
+    process: ``(W−1) · n`` received, ``(W−1) · n`` sent. The backward moves nothing (see the
+    module docstring). Returns ``{"sent": …, "received": …, "payload": …}`` in values
+    (multiply by the bytes of the dtype: 4 for the float32 statistics; the activations' dtype
+    for ``gather``); ``payload`` is the size of the tensors handed to the collectives.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    w, p = world, width
+    if strategy == "stats":
+        reduce = layers * p * p
+        gather = layers * (p + 1)
+        moved = 2 * (w - 1) / w * reduce + (w - 1) * gather
+        return {"sent": moved, "received": moved, "payload": float(reduce + gather)}
+    gather = layers * rows * (p + 1)
+    return {"sent": float((w - 1) * gather), "received": float((w - 1) * gather), "payload": float(gather)}
+
+
+# ---- the global penalty --------------------------------------------------------------------------
+
+
+def _stats_covariance(
+    h: torch.Tensor, m: torch.Tensor, correction: int, replicated: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global covariance ``(..., p, p)`` and count ``(...)`` from local ``h (..., N, p)``, mask ``m (..., N, 1)``."""
     n_local = m.sum(dim=-2)  # (..., 1)
-    mean_local = h.sum(dim=-2) / n_local.clamp_min(1)  # (..., p)
-    scatter = _CentredGram.apply(h, m, torch.ones_like(n_local).unsqueeze(-1))  # (..., p, p)
-    scatter = dist_fn.all_reduce(scatter, op=dist.ReduceOp.SUM)
-    counts = torch.stack(dist_fn.all_gather(n_local.contiguous()))  # (W, ..., 1)
-    means = torch.stack(dist_fn.all_gather(mean_local.contiguous()))  # (W, ..., p)
-    n = counts.sum(dim=0)
+    mean_local = h.sum(dim=-2) / n_local.clamp_min(1)  # (..., p); masked rows of h are zero
+    scatter = _CentredGram.apply(h, m, torch.ones_like(n_local).unsqueeze(-1))  # (..., p, p), divisor 1
+    scatter = _sum_over_ranks(scatter, replicated)
+    gathered = _gather_over_ranks(torch.cat([n_local, mean_local], dim=-1), replicated)  # (W, ..., 1 + p)
+    counts, means = gathered[..., :1].detach(), gathered[..., 1:]  # counts carry no gradient
+    n = counts.sum(dim=0)  # (..., 1)
     mean = (counts * means).sum(dim=0) / n.clamp_min(1)
     dev = (means - mean) * counts.sqrt()
     between = torch.einsum("w...i,w...j->...ij", dev, dev)
-    return (scatter + between) / (n - correction).clamp_min(1).unsqueeze(-1)
+    cov = (scatter + between) / (n - correction).clamp_min(1).unsqueeze(-1)
+    return cov, n[..., 0]
 
 
-def global_penalty(
-    h: torch.Tensor, mask: torch.Tensor | None, kind: str, strategy: str = "stats", rows_bound: int | None = None
-) -> torch.Tensor:
-    """The penalty ``kind`` over the samples of every process; same shape as the local one.
+def global_penalty_with_count(
+    h: torch.Tensor,
+    mask: torch.Tensor | None,
+    kind: str,
+    strategy: str = "stats",
+    rows_bound: int | None = None,
+    *,
+    replicated_loss: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The penalty ``kind`` over the samples of every process, and the global number of valid samples.
 
-    ``h``: ``(..., N, p)`` local samples; ``mask``: ``(..., N)`` or ``(N,)``. With one process
-    this is the local penalty. ``strategy="gather"`` needs ``rows_bound >= N`` (same on all ranks).
+    Args:
+        h: local samples ``(..., N, p)`` (a leading stack of layers is allowed).
+        mask: 0/1 validity ``(..., N)`` or ``(N,)``; ``None``: every row is valid.
+        kind: one of :data:`~hf_decorr.penalties.PENALTIES`.
+        strategy: ``"stats"`` or ``"gather"`` (identical on every process; see :func:`choose_strategy`).
+        rows_bound: for ``"gather"``, an upper bound of ``N`` that is the same on every process.
+        replicated_loss: every process back-propagates the same function of the result (see
+            the module docstring); ``False`` sums the gradients with a collective instead.
+
+    Returns:
+        ``(P, n)``: the penalty of shape ``(...)`` (float32, float64 for float64 input), the same
+        on every process, and the global count ``n`` of valid samples, shape ``(...)``. With one
+        process this is :func:`~hf_decorr.penalties.decorrelation_penalty` and the local count.
     """
     if kind not in PENALTIES:
         raise ValueError(f"decorr_penalty={kind!r} is not a known penalty; choose one of {sorted(PENALTIES)}")
-    if world_size() == 1:
-        return decorrelation_penalty(h, mask, kind)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    world = world_size()
+    if world == 1:
+        if mask is None:
+            count = torch.full(h.shape[:-2], h.shape[-2], dtype=torch.float32, device=h.device)
+        else:
+            count = mask.to(device=h.device, dtype=torch.bool).expand(h.shape[:-1]).sum(dim=-1).float()
+        return decorrelation_penalty(h, mask, kind), count
     if strategy == "gather":
         if rows_bound is None or h.shape[-2] > rows_bound:
-            raise ValueError(f"gather needs rows_bound >= N on every process, got {rows_bound} for N={h.shape[-2]}")
-        pad = rows_bound - h.shape[-2]
+            raise ValueError(
+                f"decorr_sync='global' (gather): a process has {h.shape[-2]} samples, more than the bound of "
+                f"{rows_bound} that every process must respect (the per-device batch size for pooled samples). "
+                "This happens when the model folds extra axes into the batch (e.g. multiple choice); use "
+                "decorr_pooling='tokens' there."
+            )
         m = torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device) if mask is None else mask.bool()
-        m = m.expand(h.shape[:-1])
+        m = m.to(h.device).expand(h.shape[:-1])
+        rows = torch.cat([h, m.unsqueeze(-1).to(h.dtype)], dim=-1)  # (..., N, p + 1): the mask rides along
+        pad = rows_bound - h.shape[-2]
         if pad:
-            h = torch.cat([h, h.new_zeros(*h.shape[:-2], pad, h.shape[-1])], dim=-2)
-            m = torch.cat([m, m.new_zeros(*m.shape[:-1], pad)], dim=-1)
-        h_all = torch.cat(dist_fn.all_gather(h.contiguous()), dim=-2)
-        m_all = [torch.empty_like(m) for _ in range(world_size())]
-        dist.all_gather(m_all, m.contiguous())
-        return decorrelation_penalty(h_all, torch.cat(m_all, dim=-1), kind)
+            rows = torch.cat([rows, rows.new_zeros(*rows.shape[:-2], pad, rows.shape[-1])], dim=-2)
+        gathered = _gather_over_ranks(rows, replicated_loss)  # (W, ..., rows_bound, p + 1)
+        gathered = gathered.movedim(0, -3).flatten(-3, -2)  # (..., W · rows_bound, p + 1)
+        m_all = gathered[..., -1] > 0.5
+        return decorrelation_penalty(gathered[..., :-1], m_all, kind), m_all.sum(dim=-1)
     with torch.autocast(device_type=h.device.type, enabled=False):
         h, m = _prepare(h, mask)
         if kind == "l1":
-            totals = torch.stack([h.abs().sum(dim=(-2, -1)), m.sum(dim=(-2, -1)) * h.shape[-1]])
-            totals = dist_fn.all_reduce(totals, op=dist.ReduceOp.SUM)
-            return totals[0] / totals[1].clamp_min(1)
-        cov = _stats_covariance(h, m, _CORRECTION[kind])
+            totals = torch.stack([h.abs().sum(dim=(-2, -1)), m.sum(dim=(-2, -1))])
+            totals = _sum_over_ranks(totals, replicated_loss)
+            return totals[0] / (totals[1].clamp_min(1) * h.shape[-1]), totals[1].detach()
+        cov, n = _stats_covariance(h, m, _CORRECTION[kind], replicated_loss)
         p = cov.shape[-1]
         if kind == "cov_l1":
-            return cov.abs().sum(dim=(-2, -1)) / (p * p)
-        off = cov.square().sum(dim=(-2, -1)) - torch.diagonal(cov, dim1=-2, dim2=-1).square().sum(dim=-1)
-        return 0.5 * off if kind == "decov" else off / p
+            value = cov.abs().sum(dim=(-2, -1)) / (p * p)
+        else:
+            off = cov.square().sum(dim=(-2, -1)) - torch.diagonal(cov, dim1=-2, dim2=-1).square().sum(dim=-1)
+            value = 0.5 * off if kind == "decov" else off / p
+        return value, n.detach()
+
+
+def global_penalty(
+    h: torch.Tensor,
+    mask: torch.Tensor | None,
+    kind: str,
+    strategy: str = "stats",
+    rows_bound: int | None = None,
+    *,
+    replicated_loss: bool = True,
+) -> torch.Tensor:
+    """The penalty over the samples of every process, shape ``(...)`` (see :func:`global_penalty_with_count`)."""
+    return global_penalty_with_count(h, mask, kind, strategy, rows_bound, replicated_loss=replicated_loss)[0]
+
+
+# ---- evaluation statistics -----------------------------------------------------------------------
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a (non-differentiable) tensor over processes; identity with one process."""
     if world_size() == 1:
         return tensor
-    tensor = tensor.clone()
+    tensor = tensor.detach().clone()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
+
+def real_samples_in_batch(remainder: int, process_index: int, batch_size: int) -> int:
+    """How many leading examples of this process's last batch are real, not padding duplicates.
+
+    With ``even_batches`` accelerate completes the last global batch with examples from the
+    start of the data set, and ``gather_for_metrics`` keeps the first ``remainder`` examples of
+    the rank-major concatenation of the (equal-sized) per-process batches: process ``r`` keeps
+    ``clamp(remainder − r · batch_size, 0, batch_size)`` examples.
+    """
+    return max(0, min(batch_size, remainder - process_index * batch_size))
+
+
+def sum_accumulators(
+    stats: Mapping[str, CovarianceAccumulator], names: Sequence[str], device: torch.device | str
+) -> dict[str, CovarianceAccumulator]:
+    """Sum the float64 statistics ``(n, Σh, Σhhᵀ)`` of each layer in ``names`` over processes.
+
+    Every process must call this with the same ``names`` (in the same order); a layer may be
+    missing or empty on some processes (it then contributes zeros). Two collectives in all:
+    one for the layer widths, one for the statistics packed into a single float64 tensor on
+    ``device`` (the device of the process group's backend: CUDA for NCCL). Returns new
+    accumulators for the layers seen by at least one process; with one process, the
+    non-empty inputs.
+    """
+    if world_size() == 1:
+        return {name: stats[name] for name in names if name in stats and not stats[name].empty}
+    local = [stats.get(name) for name in names]
+    widths = torch.tensor([0 if a is None or a.empty else a.width for a in local], dtype=torch.int64, device=device)
+    seen, widths_sum = all_reduce_sum(torch.stack([widths.clamp(max=1), widths]))
+    out: dict[str, CovarianceAccumulator] = {}
+    packed, layout = [], []
+    for name, acc, total, times in zip(names, local, widths_sum.tolist(), seen.tolist()):
+        if times == 0:
+            continue
+        width = total // times
+        if acc is not None and not acc.empty and acc.width != width:
+            raise ValueError(f"layer {name!r} has width {acc.width} on this process but not on every other one")
+        if acc is None or acc.empty:
+            packed.append(torch.zeros(1 + width + width * width, dtype=torch.float64, device=device))
+        else:
+            packed.append(torch.cat([acc.count.reshape(1), acc.sum.reshape(-1), acc.outer.reshape(-1)]).to(device))
+        layout.append((name, width))
+    if not packed:
+        return out
+    flat = all_reduce_sum(torch.cat(packed))
+    offset = 0
+    for name, width in layout:
+        acc = CovarianceAccumulator()
+        acc.count = flat[offset]
+        acc.sum = flat[offset + 1 : offset + 1 + width]
+        acc.outer = flat[offset + 1 + width : offset + 1 + width + width * width].view(width, width)
+        offset += 1 + width + width * width
+        out[name] = acc
+    return out

@@ -148,6 +148,13 @@ class DecorrTrainerMixin:
         for name in self._decorr_layer_names:
             hidden = captured.get(name)
             if hidden is None:
+                if strict and name in self._decorr_capture.ran_without_grad:
+                    raise RuntimeError(
+                        f"decorr_layers: module {name!r} ran without autograd in the training forward, so the penalty "
+                        "cannot train anything through it: it runs inside a reentrant gradient-checkpointing region "
+                        "(use gradient_checkpointing_kwargs={'use_reentrant': False}, or penalise the whole block) or "
+                        "under torch.no_grad"
+                    )
                 if strict:
                     raise RuntimeError(
                         f"decorr_layers: module {name!r} did not run during the forward pass, so it cannot be "
@@ -180,6 +187,8 @@ class DecorrTrainerMixin:
         kernel; with ``decorr_sync="global"`` and several processes the covariance is taken over
         the samples of all processes.
         """
+        from .distributed import global_penalty_with_count
+
         kind = self.args.decorr_penalty
         world = world_size()
         sync = world > 1 and self.args.decorr_sync == "global"
@@ -202,11 +211,15 @@ class DecorrTrainerMixin:
             else:
                 mask = torch.stack([torch.ones(h.shape[-2], dtype=torch.bool, device=h.device) if m is None else m
                                     for m in ms])
-                few.append((mask.sum(dim=-1) < 2).sum())
+                if not sync:
+                    few.append((mask.sum(dim=-1) < 2).sum())
             if sync:
+                # every process issues the same collectives in the same order: the groups are keyed and
+                # ordered rank-independently and the strategy depends only on rank-independent shapes
                 bound = samples[members[0]].rows_bound
                 strategy = choose_strategy(h.shape[-1], bound, world)
-                result = global_penalty(h, mask, kind, strategy=strategy, rows_bound=bound)
+                result, count = global_penalty_with_count(h, mask, kind, strategy=strategy, rows_bound=bound)
+                few.append((count < 2).sum())
             else:
                 result = decorrelation_penalty(h, mask, kind)
             for j, i in enumerate(members):
@@ -242,22 +255,22 @@ class DecorrTrainerMixin:
         finally:
             capture.mode = "off"
         loss, outputs = result if return_outputs else (result, None)
-        captured = dict(capture.outputs)
-        capture.clear()
-
         weight = self.args.decorr_weight_at(self.state.global_step)
+        captured = dict(capture.outputs)
         if weight > 0:
             for name, hidden in captured.items():
                 if not hidden.requires_grad:
                     raise RuntimeError(
                         f"decorr_layers: the output of {name!r} does not require grad, so the penalty cannot train "
-                        "anything through it: either no trainable parameter feeds it (frozen or PEFT-only layers "
-                        "above it) or it runs inside a reentrant gradient-checkpointing region (use "
-                        "gradient_checkpointing_kwargs={'use_reentrant': False})"
+                        "anything through it: no trainable parameter feeds it (frozen layers, or PEFT adapters only "
+                        "above it)"
                     )
         else:
             captured = {name: hidden.detach() for name, hidden in captured.items()}
-        samples = self._decorr_samples(captured, inputs, strict=True)
+        try:
+            samples = self._decorr_samples(captured, inputs, strict=True)
+        finally:
+            capture.clear()
         per_layer, few = self._decorr_penalties(samples)
 
         divides = self._decorr_trainer_divides(num_items_in_batch)
@@ -311,8 +324,33 @@ class DecorrTrainerMixin:
             capture.mode = "off"
         captured = dict(capture.outputs)
         capture.clear()
+        # With several processes and even_batches, accelerate completes the last batch with samples from
+        # the start of the set; gather_for_metrics keeps the first `remainder` samples of the rank-major
+        # concatenation. Keep the same samples here, so that summed statistics count every sample once.
+        from transformers.trainer_pt_utils import find_batch_size
+
+        from .distributed import real_samples_in_batch
+
+        accelerator, keep, batch = self.accelerator, None, None
+        state = accelerator.gradient_state
+        if accelerator.num_processes > 1 and accelerator.even_batches and state.end_of_dataloader:
+            batch = find_batch_size(inputs)
+            if batch and state.remainder > 0:
+                keep = real_samples_in_batch(state.remainder, accelerator.process_index, batch)
         for sample in self._decorr_samples(captured, inputs, strict=False):
-            stats.setdefault(sample.name, CovarianceAccumulator()).update(sample.x, sample.mask)
+            mask = sample.mask
+            if keep is not None and keep < batch:
+                rows = sample.x.shape[0]
+                if rows % batch:
+                    self._decorr_warn_once(
+                        f"eval-dup-{sample.name}",
+                        f"decorr: cannot tell which of the {rows} samples of {sample.name!r} belong to which of the "
+                        f"{batch} examples of the padded last evaluation batch; its duplicated examples are counted",
+                    )
+                else:  # rows are example-major: row k belongs to example k // (rows / batch)
+                    real = torch.arange(rows, device=sample.x.device) < keep * (rows // batch)
+                    mask = real if mask is None else mask.to(torch.bool) & real
+            stats.setdefault(sample.name, CovarianceAccumulator()).update(sample.x, mask)
         return result
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -332,14 +370,19 @@ class DecorrTrainerMixin:
         return output
 
     def decorr_metrics_from_stats(self, stats: dict[str, CovarianceAccumulator], prefix: str) -> dict[str, float]:
-        """Sum the statistics over processes, then compute the paper's metrics per layer and their mean."""
+        """Sum the statistics over processes, then compute the paper's metrics per layer and their mean.
+
+        Every process must call this (it runs collectives when there are several); a layer that
+        one process did not see contributes zeros there.
+        """
+        from .distributed import sum_accumulators
+
+        stats = sum_accumulators(stats, self._decorr_layer_names, self.accelerator.device)
         per_layer: dict[str, dict[str, float]] = {}
         for name in self._decorr_layer_names:
             acc = stats.get(name)
             if acc is None or acc.empty:
                 continue
-            if world_size() > 1:
-                acc.count, acc.sum, acc.outer = (all_reduce_sum(t) for t in (acc.count, acc.sum, acc.outer))
             per_layer[name] = decorrelation_metrics(
                 acc.covariance(), top_d=self.args.decorr_top_d, variance_share=self.args.decorr_variance_share,
                 samples=float(acc.count),

@@ -1,0 +1,281 @@
+"""Model cards and Hub uploads for models trained with the covariance penalty.
+
+:func:`decorr_model_card` builds a ``huggingface_hub.ModelCard`` that carries the ``hf-decorr``
+tag, the penalty's formula, its settings (λ, layers, penalty, pooling, mask) and the final task and
+decorrelation metrics. :func:`push_folder_to_hub` uploads a finished output folder (weights,
+tokenizer, ``decorr_config.json``, ``README.md``) with ``HfApi.create_repo`` + ``HfApi.upload_folder``;
+a failure (no network, no permission) is returned as a :class:`PushResult` with ``ok=False`` and
+the reason, and the local folder is left untouched. The folder loads with plain ``transformers``:
+nothing in it needs hf_decorr.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+from .config import DECORR_CONFIG_NAME
+from .recipe_utils import write_text_atomic
+from .trainer import MODEL_TAG
+
+__all__ = [
+    "UPLOAD_IGNORE_PATTERNS",
+    "PushResult",
+    "decorr_model_card",
+    "write_model_card",
+    "push_folder_to_hub",
+    "looks_like_hub_id",
+]
+
+# what never goes to the Hub from an output folder: intermediate checkpoints, logs, temporaries
+UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.tmp", ".*", "**/.*"]
+
+FORMULA = (
+    "$$\\mathcal{L} = \\mathcal{L}_{\\text{task}} + \\lambda \\sum_{\\ell \\in \\text{layers}} L_\\Sigma(H_\\ell), \\qquad "
+    "L_\\Sigma(H) = \\frac{1}{p^2} \\sum_{i,j} |C_{ij}|, \\qquad C = \\frac{(H - \\bar h)^\\top (H - \\bar h)}{N - 1}$$"
+)
+
+_PENALTY_TEXT = {
+    "cov_l1": "`cov_l1`: the paper's L_Σ, the element-wise L1 norm of the sample covariance, diagonal included, "
+    "divided by p²",
+    "decov": "`decov` (Cogswell et al. 2016): ½(‖C‖²_F − ‖diag C‖²) with C taken with 1/N",
+    "vicreg": "`vicreg` (Bardes et al. 2022, covariance term): Σ_{i≠j} C_ij² / p",
+    "l1": "`l1`: the L1 activation penalty mean|h| (the paper's baseline; not a covariance penalty)",
+}
+
+_METRIC_NAMES = {
+    "mapc": "MAPC (mean absolute Pearson correlation)",
+    "cvr": "CVR (‖C‖₁ / tr C, without the paper's 1/p²)",
+    "tdv": "TdV (variance share of the top-d units)",
+    "ud": "UD (units holding the variance share)",
+    "pca_ud": "PCA-UD (principal components holding the variance share)",
+    "cov_l1": "L_Σ of the evaluation set",
+    "live_units": "live units",
+    "samples": "samples",
+}
+
+
+def looks_like_hub_id(name: str | None) -> bool:
+    """Whether ``name`` has the form of a Hub repository id (``name`` or ``owner/name``) and is not a local path."""
+    if not name or os.path.exists(name) or name.startswith((".", "/", "~", "pypi:")):
+        return False
+    parts = name.split("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return 1 <= len(parts) <= 2 and all(part and set(part) <= allowed for part in parts)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"`{v}`" for v in value)
+    return str(value)
+
+
+def _metrics_tables(metrics: Mapping[str, float], layer_names: Sequence[str]) -> str:
+    """Markdown: task metrics, then the decorrelation metrics (mean over layers, and per layer)."""
+    lines: list[str] = []
+    task = {k: v for k, v in metrics.items() if "decorr" not in k and isinstance(v, (int, float))}
+    if task:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(float(v))} |" for k, v in sorted(task.items())]
+        lines.append("")
+    decorr = {}
+    for key, value in metrics.items():
+        if "_decorr_" not in key:
+            continue
+        name = key.split("_decorr_", 1)[1]
+        metric, _, layer = name.partition("/")
+        decorr.setdefault(layer or "mean over layers", {})[metric] = value
+    if decorr:
+        columns = [m for m in _METRIC_NAMES if any(m in d for d in decorr.values())]
+        lines.append("| layer | " + " | ".join(_METRIC_NAMES[m] for m in columns) + " |")
+        lines.append("|---" * (len(columns) + 1) + "|")
+        order = [n for n in layer_names if n in decorr] + [n for n in decorr if n not in layer_names]
+        for layer in order:
+            row = decorr[layer]
+            cells = [_fmt(float(row[m])) if m in row and row[m] is not None else "–" for m in columns]
+            lines.append(f"| `{layer}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def decorr_model_card(
+    *,
+    model_name: str,
+    decorr_settings: Mapping[str, Any],
+    layer_names: Sequence[str],
+    metrics: Mapping[str, float],
+    task: str,
+    base_model: str | None = None,
+    datasets: Sequence[str] | None = None,
+    dataset_description: str | None = None,
+    training: Mapping[str, Any] | None = None,
+    command: str | None = None,
+    extra_tags: Sequence[str] = (),
+    license: str | None = None,
+) -> ModelCard:
+    """A model card for a model trained with the penalty.
+
+    ``decorr_settings`` is :meth:`~hf_decorr.config.DecorrConfig.decorr_dict`, ``layer_names`` the
+    resolved module names, ``metrics`` the final evaluation's metrics (``eval_accuracy``,
+    ``eval_decorr_mapc``, ``eval_decorr_mapc/<layer>``, …) and ``task`` the pipeline tag
+    (``text-classification``, ``text-generation``). ``base_model`` and ``datasets`` go into the
+    card's metadata only when they look like Hub ids.
+    """
+    tags = [MODEL_TAG, "decorrelation", "covariance-penalty", *extra_tags]
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=task,
+        tags=list(dict.fromkeys(tags)),
+        base_model=base_model if looks_like_hub_id(base_model) else None,
+        datasets=[d for d in (datasets or []) if looks_like_hub_id(d)] or None,
+        license=license,
+    )
+    weight = decorr_settings.get("decorr_weight")
+    penalty = decorr_settings.get("decorr_penalty", "cov_l1")
+    settings = [
+        ("λ (`decorr_weight`)", weight),
+        ("penalty (`decorr_penalty`)", penalty),
+        ("layers (`decorr_layers`)", list(decorr_settings.get("decorr_layers", []))),
+        ("penalised modules", list(layer_names)),
+        ("pooling (`decorr_pooling`)", decorr_settings.get("decorr_pooling")),
+        ("samples (`decorr_mask`)", decorr_settings.get("decorr_mask")),
+        ("λ warm-up steps", decorr_settings.get("decorr_warmup_steps")),
+        ("multi-process covariance (`decorr_sync`)", decorr_settings.get("decorr_sync")),
+        ("hf_decorr version", decorr_settings.get("hf_decorr_version")),
+    ]
+    base_text = f"[`{base_model}`](https://huggingface.co/{base_model})" if looks_like_hub_id(base_model) else (
+        f"`{base_model}`" if base_model else "a pretrained model"
+    )
+    body = [
+        f"# {model_name}",
+        "",
+        f"Fine-tuned from {base_text}"
+        + (f" on {dataset_description}" if dataset_description else "")
+        + " with hf_decorr — the covariance penalty of Kågebäck & Mogren, "
+        "*Disentanglement by Penalizing Correlation* (2017), added to the task loss:",
+        "",
+        FORMULA,
+        "",
+        "where H (N × p) holds the N samples (rows) of a penalised layer's p units in a batch.",
+        "" if weight else "**λ = 0: this is the unregularised baseline; the penalty was only measured.**",
+        "",
+        "## Decorrelation settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {name} | {_fmt(value)} |" for name, value in settings if value is not None],
+        "",
+        f"Penalty: {_PENALTY_TEXT.get(penalty, penalty)}. The settings are also in `{DECORR_CONFIG_NAME}`.",
+        "",
+        "## Final evaluation",
+        "",
+        _metrics_tables(metrics, layer_names) or "(no evaluation was run)",
+        "The decorrelation metrics are those of the paper's Section 3.1, computed over every sample of the "
+        "evaluation set (MAPC over live units; CVR = ‖C‖₁ / tr C; UD at the configured variance share).",
+        "",
+        "## Usage",
+        "",
+        "The model is a plain `transformers` model; hf_decorr is only needed to train it further with the penalty.",
+        "",
+        "```python",
+        "from transformers import AutoModel, AutoTokenizer",
+        "",
+        f'model = AutoModel.from_pretrained("{model_name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_name}")',
+        "```",
+        "",
+    ]
+    if training:
+        body += ["## Training", "", "| hyper-parameter | value |", "|---|---|"]
+        body += [f"| {k} | {_fmt(v)} |" for k, v in training.items() if v is not None]
+        body.append("")
+    if command:
+        body += ["Command:", "", "```bash", command, "```", ""]
+    body += [
+        "## Citation",
+        "",
+        "```bibtex",
+        "@inproceedings{kagebaeck2017disentanglement,",
+        "  title={Disentanglement by Penalizing Correlation},",
+        "  author={K{\\aa}geb{\\\"a}ck, Mikael and Mogren, Olof},",
+        "  booktitle={NIPS 2017 Workshop on Learning Disentangled Features},",
+        "  year={2017}",
+        "}",
+        "```",
+        "",
+    ]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
+    return ModelCard(content)
+
+
+def write_model_card(folder: str | os.PathLike, card: ModelCard) -> str:
+    """Write ``card`` as ``folder/README.md`` atomically; returns the path."""
+    return write_text_atomic(os.path.join(os.fspath(folder), "README.md"), str(card))
+
+
+@dataclass
+class PushResult:
+    """What :func:`push_folder_to_hub` did: ``ok``, the repository ``url``, or the ``error``."""
+
+    ok: bool
+    repo_id: str
+    folder: str
+    url: str | None = None
+    error: str | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def _files_to_upload(folder: str) -> list[str]:
+    from huggingface_hub.utils import filter_repo_objects
+
+    paths = sorted(
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+        for root, _, names in os.walk(folder)
+        for name in names
+    )
+    return list(filter_repo_objects(paths, ignore_patterns=UPLOAD_IGNORE_PATTERNS))
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload model trained with hf_decorr",
+) -> PushResult:
+    """Create ``repo_id`` if needed and upload the finished output ``folder`` to it.
+
+    The folder must hold a saved model (``config.json``), ``decorr_config.json`` and a
+    ``README.md`` card. Network and permission failures are caught and returned (``ok=False``,
+    ``error`` says what happened); the token is never printed or stored.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    missing = [name for name in ("config.json", DECORR_CONFIG_NAME, "README.md")
+               if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise ValueError(f"{folder} is not a finished hf_decorr output folder: it lacks {', '.join(missing)}")
+    files = _files_to_upload(folder)
+    api = HfApi(token=token)
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+            ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
+        )
+    except Exception as err:  # noqa: BLE001 - the network boundary: every failure is reported, none is fatal
+        reason = " ".join(str(err).split()) or type(err).__name__
+        return PushResult(False, repo_id, folder, error=f"{type(err).__name__}: {reason}", files=files)
+    url = str(getattr(repo_url, "url", repo_url) or f"https://huggingface.co/{repo_id}")
+    return PushResult(True, repo_id, folder, url=url, files=files)
