@@ -110,7 +110,7 @@ class DecorrTrainerMixin:
 
     def _decorr_unwrap(self, model: nn.Module) -> nn.Module:
         """The model without DDP / DeepSpeed / compile wrappers and without the PEFT wrapper."""
-        return unwrap_peft_model(self.accelerator.unwrap_model(model))
+        return unwrap_peft_model(self.accelerator.unwrap_model(model, keep_torch_compile=False))
 
     def _decorr_prepare(self, model: nn.Module) -> nn.Module:
         """Resolve ``decorr_layers`` on ``model`` and hook the modules (once per model object)."""
@@ -355,17 +355,27 @@ class DecorrTrainerMixin:
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        if not self.args.decorr_eval_metrics:
-            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                           metric_key_prefix)
-        self._decorr_eval_stats = {}
+        # transformers 5.24 + accelerate 1.15: an evaluation before train() under DDP prepares the model in
+        # evaluation mode (no DDP wrapper) but marks it prepared, so train() then skips the DDP wrapper and the
+        # processes silently stop synchronising gradients. Undo that mark after such an evaluation.
+        model = self.model
+        undo_eval_prepare = (
+            self.accelerator.num_processes > 1 and not self.is_in_train and not self.is_deepspeed_enabled
+            and not self.is_fsdp_enabled and self.model_wrapped is model
+            and not getattr(model, "_is_accelerate_prepared", False)
+        )
+        self._decorr_eval_stats = {} if self.args.decorr_eval_metrics else None
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
             stats = self._decorr_eval_stats
         finally:
             self._decorr_eval_stats = None
-        if output.metrics is not None:
+            if undo_eval_prepare and self.model_wrapped is model and "_is_accelerate_prepared" in vars(model):
+                del model._is_accelerate_prepared
+                if model in self.accelerator._models:
+                    self.accelerator._models.remove(model)
+        if stats is not None and output.metrics is not None:
             output.metrics.update(self.decorr_metrics_from_stats(stats, prefix=f"{metric_key_prefix}_decorr"))
         return output
 

@@ -127,3 +127,13 @@ def test_real_pretrained_minilm(tmp_path):
     assert metrics["eval_decorr_samples"] == sum(map(sum, enc["attention_mask"]))
     assert 0 < metrics["eval_decorr_mapc"] < 1 and metrics["eval_decorr_cvr"] > 1
     assert 1 <= metrics["eval_decorr_ud/bert.encoder.layer.5"] <= 384
+
+
+@pytest.mark.slow  # torch.compile on CPU builds C++ kernels: about a minute on 2 cores
+def test_torch_compile(tmp_path):
+    args = DecorrTrainingArguments(output_dir=str(tmp_path), **COMMON, max_steps=2, logging_steps=1,
+                                   per_device_train_batch_size=4, torch_compile=True, decorr_layers=["all"])
+    trainer = DecorrTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8))
+    assert trainer.decorr_layer_names == ["bert.encoder.layer.0", "bert.encoder.layer.1"]  # no _orig_mod prefix
+    trainer.train()
+    assert all(math.isfinite(v) and v > 0 for v in logged(trainer, "decorr_loss"))
