@@ -97,16 +97,19 @@ class DecorrArgumentParser(HfArgumentParser):
 
     def apply_config(self, config: dict[str, Any], source: str) -> None:
         """Make the values of ``config`` the parser's defaults; unknown keys are an error."""
-        actions = {action.dest: action for action in self._actions}
+        actions: dict[str, list] = {}
+        for action in self._actions:  # a bool field has two actions on one dest: --flag and --no_flag
+            actions.setdefault(action.dest, []).append(action)
         unknown = [key for key in config if key not in actions or key == "help"]
         if unknown:
             self.error(self._unknown_key_message(unknown, source))
         for key, value in config.items():
-            action = actions[key]
-            if isinstance(value, (list, tuple)) and action.nargs not in ("+", "*"):
+            takes_list = any(action.nargs in ("+", "*") for action in actions[key])
+            if isinstance(value, (list, tuple)) and not takes_list:
                 self.error(f"{source}: option {key!r} takes one value, got a list {value!r}")
-            action.default = value
-            action.required = False
+            for action in actions[key]:
+                action.default = value
+                action.required = False
 
     def parse_args_and_config(self, args: Sequence[str] | None = None) -> tuple[Any, ...]:
         """Parse ``--config`` and the command line into the dataclasses (CLI wins over the file)."""

@@ -5,8 +5,8 @@ Two sources, never mixed:
 * a data set on the Hub (or a local data-set folder): ``dataset_name`` (+ ``dataset_config``),
   loaded with ``datasets.load_dataset(dataset_name, dataset_config)``;
 * local files, one per split: ``.csv``, ``.tsv`` (tab-separated, no quoting, as GLUE ships
-  SST-2), ``.json`` / ``.jsonl`` (JSON lines), ``.parquet`` or ``.txt`` (one example per line,
-  column ``text``).
+  SST-2), ``.json`` / ``.jsonl`` (JSON lines), ``.parquet`` or ``.txt`` (one row per line, line
+  breaks kept, column ``text``).
 
 Every failure (a missing file, an unknown extension, a data set that cannot be reached, a
 column that does not exist) raises :class:`~hf_decorr.cli.RecipeError` naming the option.
@@ -28,7 +28,7 @@ LOCAL_FORMATS: dict[str, tuple[str, dict]] = {
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
-    ".txt": ("text", {}),
+    ".txt": ("text", {"keep_linebreaks": True}),  # a corpus keeps its line structure
 }
 
 

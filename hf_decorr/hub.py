@@ -47,6 +47,13 @@ _PENALTY_TEXT = {
     "l1": "`l1`: the L1 activation penalty mean|h| (the paper's baseline; not a covariance penalty)",
 }
 
+_AUTO_CLASSES = {
+    "text-classification": "AutoModelForSequenceClassification",
+    "text-generation": "AutoModelForCausalLM",
+    "token-classification": "AutoModelForTokenClassification",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
+}
+
 _METRIC_NAMES = {
     "mapc": "MAPC (mean absolute Pearson correlation)",
     "cvr": "CVR (‖C‖₁ / tr C, without the paper's 1/p²)",
@@ -136,6 +143,7 @@ def decorr_model_card(
         datasets=[d for d in (datasets or []) if looks_like_hub_id(d)] or None,
         license=license,
     )
+    auto_class = _AUTO_CLASSES.get(task, "AutoModel")
     weight = decorr_settings.get("decorr_weight")
     penalty = decorr_settings.get("decorr_penalty", "cov_l1")
     settings = [
@@ -184,9 +192,9 @@ def decorr_model_card(
         "The model is a plain `transformers` model; hf_decorr is only needed to train it further with the penalty.",
         "",
         "```python",
-        "from transformers import AutoModel, AutoTokenizer",
+        f"from transformers import {auto_class}, AutoTokenizer",
         "",
-        f'model = AutoModel.from_pretrained("{model_name}")',
+        f'model = {auto_class}.from_pretrained("{model_name}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{model_name}")',
         "```",
         "",

@@ -9,6 +9,8 @@
 * :func:`write_text_atomic`, :func:`write_json_atomic` and :func:`atomic_directory` write to a
   temporary name next to the target and rename it into place, so a crash leaves either the
   complete old output or the complete new one, never half of one.
+* :func:`layer_metrics`, :func:`comparison_markdown`, :func:`log_series` and
+  :func:`redacted_command` build the recipes' comparison tables (baseline vs penalty).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import importlib
 import json
 import math
 import os
+import shlex
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .cli import RecipeError
@@ -32,6 +35,10 @@ __all__ = [
     "write_json_atomic",
     "atomic_directory",
     "json_safe",
+    "layer_metrics",
+    "log_series",
+    "redacted_command",
+    "comparison_markdown",
 ]
 
 PYPI_PREFIX = "pypi:"
@@ -156,3 +163,102 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ comparison tables
+
+
+def redacted_command(program: str, argv: Sequence[str]) -> str:
+    """``python <program> <argv>`` as a shell line, with the value of any ``--*token*`` option hidden."""
+    shown: list[str] = []
+    hide_next = False
+    for item in argv:
+        if hide_next:
+            shown.append("<redacted>")
+            hide_next = False
+        elif item.startswith("--") and "token" in item.lower():
+            if "=" in item:
+                shown.append(item.split("=", 1)[0] + "=<redacted>")
+            else:
+                shown.append(item)
+                hide_next = True
+        else:
+            shown.append(item)
+    return " ".join(["python", shlex.quote(program), *(shlex.quote(a) for a in shown)])
+
+
+def log_series(log_history: Sequence[dict], key: str) -> list[float]:
+    """The values of ``key`` in a Trainer's training logs (``trainer.state.log_history``), in order."""
+    return [entry[key] for entry in log_history if key in entry and not any(k.startswith("eval_") for k in entry)]
+
+
+def layer_metrics(metrics: dict[str, float], layer_names: Sequence[str], prefix: str = "eval") -> dict[str, dict]:
+    """``{layer: {metric: value}}`` from a Trainer's ``<prefix>_decorr_<metric>[/<layer>]`` keys.
+
+    With a single penalised layer only the mean keys exist; they are that layer's.
+    """
+    out: dict[str, dict] = {}
+    start = f"{prefix}_decorr_"
+    for key, value in metrics.items():
+        if key.startswith(start):
+            metric, _, layer = key[len(start):].partition("/")
+            if layer:
+                out.setdefault(layer, {})[metric] = value
+    if not out and len(layer_names) == 1:
+        out[layer_names[0]] = {
+            key[len(start):]: value for key, value in metrics.items() if key.startswith(start) and "/" not in key
+        }
+    return out
+
+
+def _short_layer(layer: str) -> str:
+    parts = layer.split(".")
+    return ".".join(parts[-2:]) if len(parts) >= 2 else layer
+
+
+def _cell(value: Any, digits: int) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan"
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+LAYER_COLUMNS = (("mapc", "MAPC", 4), ("cvr", "CVR", 2), ("ud", "UD_90%", 0))
+
+
+def comparison_markdown(rows: Sequence[dict], task_columns: Sequence[tuple[str, str, int]], note: str = "") -> str:
+    """A Markdown table with one row per run.
+
+    Each row is a dict with ``run``, ``decorr_weight``, the keys of ``task_columns``
+    (``(key, header, decimals)``), ``layers`` (``{layer: {"mapc", "cvr", "ud"}}``, see
+    :func:`layer_metrics`), ``decorr_loss_first`` / ``decorr_loss_last`` (the logged penalty)
+    and ``train_runtime`` (seconds). Columns whose values are all missing are left out.
+    """
+    layers = list(dict.fromkeys(layer for row in rows for layer in row.get("layers", {})))
+    task_columns = [c for c in task_columns if any(row.get(c[0]) is not None for row in rows)]
+    header = ["run", "λ", *(c[1] for c in task_columns)]
+    header += [f"{label} {_short_layer(layer)}" for _, label, _ in LAYER_COLUMNS for layer in layers]
+    header += ["L_Σ train (first → last log)", "train time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [str(row["run"]), _cell(row.get("decorr_weight"), 3)]
+        cells += [_cell(row.get(key), digits) for key, _, digits in task_columns]
+        for metric, _, digits in LAYER_COLUMNS:
+            cells += [_cell(row.get("layers", {}).get(layer, {}).get(metric), digits) for layer in layers]
+        first, last = row.get("decorr_loss_first"), row.get("decorr_loss_last")
+        cells.append(f"{first:.4g} → {last:.4g}" if first is not None and last is not None else "–")
+        cells.append(_cell(row.get("train_runtime"), 1))
+        lines.append("| " + " | ".join(cells) + " |")
+    footer = [
+        "",
+        "MAPC: mean absolute Pearson correlation between the units of a layer; CVR: ‖C‖₁ / tr C (1 = no "
+        "covariance between units); UD_90%: units (ranked by variance) that hold 90% of the variance; all over "
+        "every sample of the evaluation set. L_Σ: the penalty before λ, as logged during training.",
+        "Layers: " + ", ".join(f"`{layer}`" for layer in layers) + ".",
+    ]
+    if note:
+        footer.append(note)
+    return "\n".join(lines + footer) + "\n"

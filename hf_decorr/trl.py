@@ -1,0 +1,41 @@
+"""TRL integration: ``SFTTrainer`` with the covariance penalty.
+
+    from hf_decorr.trl import DecorrSFTConfig, DecorrSFTTrainer
+
+    args = DecorrSFTConfig(output_dir="out", decorr_weight=0.1, decorr_layers=["-1"],
+                           decorr_mask="labels")        # completion tokens only (prompt and padding excluded)
+    trainer = DecorrSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+
+``DecorrSFTConfig`` is ``SFTConfig`` plus the decorr fields of :class:`~hf_decorr.config.DecorrConfig`
+(the mixin comes first, because ``TrainingArguments.__post_init__`` does not call ``super()``).
+``DecorrSFTTrainer`` mixes :class:`~hf_decorr.trainer.DecorrTrainerMixin` into ``SFTTrainer``:
+the loss becomes ``SFT loss + λ_t · Σ_layers L_Σ``. TRL's fused LM head returns no hidden states;
+the penalty does not need them, since it captures the chosen layers with forward hooks. With
+``completion_only_loss`` (the default for prompt-completion data) TRL's collator sets the prompt
+tokens' labels to -100, so ``decorr_mask="labels"`` takes the completion tokens as the samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+try:
+    from trl import SFTConfig, SFTTrainer
+except ImportError as err:  # pragma: no cover - exercised only where TRL is absent
+    raise ImportError(
+        "hf_decorr.trl needs TRL, which is not installed: pip install 'hf-decorr[trl]' (or pip install trl)"
+    ) from err
+
+from .config import DecorrConfig
+from .trainer import DecorrTrainerMixin
+
+__all__ = ["DecorrSFTConfig", "DecorrSFTTrainer"]
+
+
+@dataclass
+class DecorrSFTConfig(DecorrConfig, SFTConfig):
+    """TRL's ``SFTConfig`` plus the decorr settings of :class:`~hf_decorr.config.DecorrConfig`."""
+
+
+class DecorrSFTTrainer(DecorrTrainerMixin, SFTTrainer):
+    """TRL's ``SFTTrainer`` with the covariance penalty (see :class:`~hf_decorr.trainer.DecorrTrainerMixin`)."""
