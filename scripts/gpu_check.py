@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""GPU checks of hf_decorr that the CPU test suite cannot make (run by scripts/gpu_check.sh).
+
+Modes:
+
+* ``single``: one process, one GPU. (1) every penalty and its gradient on CUDA equal the CPU ones
+  (float32 with TF32 off: 1e-5 relative; the error with TF32 on is printed); bf16 inputs too.
+  (2) ``DecorrTrainer`` steps under bf16 autocast (``bf16=True``) and with bf16 weights: the
+  penalty is finite and float32, the loss finite. (3) ``eval_decorr_*`` on CUDA equal the CPU ones.
+* ``launched --recipe NAME``: under ``accelerate launch --config_file recipes/accelerate/NAME.yaml``
+  with any number of processes. Evaluates, then trains one SGD step of a tiny BERT on a global
+  batch of 8 (``8 / W`` per process); rank 0 writes ``<out>/NAME_W<W>.pt``. With ``W ≥ 2`` it also
+  checks the global penalty and its DDP gradients against the concatenated batch over NCCL, and
+  compares the step with ``<out>/ddp_W1.pt`` (the same global batch on one process) when present.
+
+Every check prints ``PASS <name>`` or ``FAIL <name>: <why>``; the exit status is 1 if any failed.
+Self-contained (no ``datasets``, no test helpers): the GPU image may lack them. ``--dry-run-cpu``
+runs the same code with the CPU standing in for the GPU (gloo instead of NCCL), to check the script
+itself on a machine without a GPU; it proves nothing about CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hf_decorr import DecorrTrainer, DecorrTrainingArguments  # noqa: E402
+from hf_decorr.penalties import PENALTIES, decorrelation_penalty  # noqa: E402
+
+FAILED: list[str] = []
+DEVICE = "cuda"  # "cpu" with --dry-run-cpu
+TRAIN_SIZE, EVAL_SIZE, LR, WEIGHT = 8, 7, 0.5, 2.0
+
+
+def check(name: str, ok: bool, why: str = "") -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    print(f"[rank {rank}] {'PASS' if ok else 'FAIL'} {name}{'' if ok else ': ' + why}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2,
+                     max_position_embeddings=64)
+    return BertForSequenceClassification(cfg)
+
+
+def bert_data(size: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(size):
+        length = int(torch.randint(3, 13, (1,), generator=g))
+        rows.append({"input_ids": torch.randint(5, 101, (length,), generator=g), "label": i % 2})
+    return rows
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    length = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = r["input_ids"]
+        mask[i, : len(r["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["label"] for r in rows])}
+
+
+def make_trainer(out: str, use_cpu: bool = False, world: int = 1, **kw) -> DecorrTrainer:
+    options = dict(output_dir=out, use_cpu=use_cpu, report_to="none", save_strategy="no", max_steps=1,
+                   logging_steps=1, per_device_train_batch_size=TRAIN_SIZE // world, per_device_eval_batch_size=2,
+                   optim="sgd", learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                   seed=0, average_tokens_across_devices=False, disable_tqdm=True, dataloader_num_workers=0,
+                   decorr_weight=WEIGHT, decorr_layers=["-1", "-2"], decorr_pooling="tokens")
+    options.update(kw)
+    model = options.pop("model", None) or tiny_bert()
+    return DecorrTrainer(model=model, args=DecorrTrainingArguments(**options),
+                         train_dataset=bert_data(TRAIN_SIZE, 10), eval_dataset=bert_data(EVAL_SIZE, 11),
+                         data_collator=collate)
+
+
+# ---- single process ------------------------------------------------------------------------------
+
+
+def penalties_cuda_vs_cpu() -> None:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 4096, 384, generator=g) @ torch.randn(384, 384, generator=g) * 0.1
+    mask = torch.rand(4096, generator=g) > 0.2
+    for tf32 in (False, True) if DEVICE == "cuda" else (False,):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for kind in PENALTIES:
+            for dtype in (torch.float32, torch.bfloat16):
+                x_cpu = h.to(dtype).clone().requires_grad_()
+                x_gpu = h.to(dtype).to(DEVICE).clone().requires_grad_()
+                v_cpu = decorrelation_penalty(x_cpu, mask, kind)
+                v_gpu = decorrelation_penalty(x_gpu, mask.to(DEVICE), kind)
+                v_cpu.sum().backward()
+                v_gpu.sum().backward()
+                ev, eg = rel(v_gpu, v_cpu), rel(x_gpu.grad.float(), x_cpu.grad.float())
+                name = f"cuda_vs_cpu/{kind}/{str(dtype)[6:]}/tf32={tf32}"
+                print(f"  {name}: value rel err {ev:.2e}, grad rel err {eg:.2e}, dtype {v_gpu.dtype}")
+                if not tf32:
+                    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 grads are rounded to bf16
+                    check(name, ev <= 1e-5 and eg <= tol and v_gpu.dtype == torch.float32, f"{ev:.2e} {eg:.2e}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def bf16_steps() -> None:
+    seen: list[torch.Tensor] = []
+    original = DecorrTrainer._decorr_penalties
+
+    def spy(self, samples):
+        per_layer, few = original(self, samples)
+        seen.append(per_layer.detach())
+        return per_layer, few
+
+    DecorrTrainer._decorr_penalties = spy
+    try:
+        for label, kw in (("autocast", {"bf16": True}), ("bf16_weights", {"model": tiny_bert().to(torch.bfloat16)})):
+            seen.clear()
+            with tempfile.TemporaryDirectory() as out:
+                trainer = make_trainer(out, use_cpu=DEVICE == "cpu", **kw)
+                trainer.train()
+            log = [e for e in trainer.state.log_history if "decorr_loss" in e][0]
+            ok = bool(seen) and seen[0].dtype == torch.float32 and bool(torch.isfinite(seen[0]).all())
+            check(f"bf16/{label}: penalty finite and float32", ok, f"{[(s.dtype, s.tolist()) for s in seen]}")
+            check(f"bf16/{label}: loss finite", math.isfinite(log["loss"]) and math.isfinite(log["decorr_loss"]),
+                  str(log))
+            print(f"  bf16/{label}: {log}")
+    finally:
+        DecorrTrainer._decorr_penalties = original
+
+
+def eval_cuda_vs_cpu() -> None:
+    metrics = {}
+    for use_cpu in (True, False):
+        with tempfile.TemporaryDirectory() as out:
+            metrics[use_cpu] = make_trainer(out, use_cpu=use_cpu).evaluate()
+    keys = [k for k in metrics[True] if k.startswith("eval_decorr_")]
+    bad = {k: (metrics[False][k], metrics[True][k]) for k in keys
+           if not math.isclose(metrics[False][k], metrics[True][k], rel_tol=1e-4, abs_tol=1e-6)}
+    check("eval metrics cuda == cpu", bool(keys) and not bad, str(bad))
+
+
+def single() -> None:
+    assert DEVICE == "cpu" or torch.cuda.is_available(), "no CUDA device"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for step in (penalties_cuda_vs_cpu, bf16_steps, eval_cuda_vs_cpu):
+        start = time.perf_counter()
+        try:
+            step()
+        except Exception as exc:  # one failing check must not hide the others
+            check(step.__name__, False, f"{type(exc).__name__}: {exc}")
+        print(f"  ({step.__name__}: {time.perf_counter() - start:.1f}s)")
+
+
+# ---- launched by accelerate ------------------------------------------------------------------------
+
+
+def global_penalty_over_nccl() -> None:
+    """The global penalty of a stack of 2 layers and its DDP gradients equal those of the concatenated batch."""
+    import torch.distributed as dist
+
+    from hf_decorr.distributed import global_penalty_with_count
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if DEVICE == "cuda" else torch.device("cpu")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.Tanh()).to(device)
+    g = torch.Generator().manual_seed(1)
+    rows = [int(torch.randint(20, 60, (1,), generator=g)) for _ in range(world)]
+    xs = [torch.randn(n, 6, generator=g).to(device) for n in rows]
+    masks = [torch.rand(n, generator=g).to(device) > 0.3 for n in rows]
+    for kind in PENALTIES:
+        for strategy, bound in (("stats", None), ("gather", max(rows))):
+            ref = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.Tanh()).to(device)
+            ref.load_state_dict(net.state_dict())
+            want = decorrelation_penalty(ref(torch.cat(xs)), torch.cat(masks), kind)
+            want.backward()
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.Tanh()).to(device),
+                device_ids=None if device.type == "cpu" else [device.index])
+            ddp.module.load_state_dict(net.state_dict())
+            got, _ = global_penalty_with_count(ddp(xs[rank]), masks[rank], kind, strategy, bound)
+            got.backward()
+            err = max(rel(p.grad, q.grad) for p, q in zip(ddp.module.parameters(), ref.parameters()))
+            check(f"{dist.get_backend()}/{kind}/{strategy}", rel(got, want) <= 1e-5 and err <= 1e-5,
+                  f"value {rel(got, want):.2e} grad {err:.2e}")
+
+
+def launched(recipe: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    with tempfile.TemporaryDirectory() as out:
+        extra = {"use_cpu": True} if DEVICE == "cpu" else {"tf32": False}
+        trainer = make_trainer(out, world=world, **extra)
+        metrics = trainer.evaluate()
+        trainer.train()
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().cpu().clone()
+              for n, p in unwrapped.named_parameters()}
+    result = {
+        "world": world, "distributed_type": str(trainer.accelerator.distributed_type),
+        "wrapper": type(trainer.model_wrapped).__name__, "model": type(unwrapped).__name__,
+        "sharded": sum(hasattr(p, "full_tensor") for p in unwrapped.parameters()),
+        "layers": trainer.decorr_layer_names, "metrics": metrics,
+        "logs": [e for e in trainer.state.log_history if "decorr_loss" in e], "params": params,
+    }
+    print(f"  {recipe} W={world}: {result['distributed_type']}, wrapper {result['wrapper']}, model {result['model']}, "
+          f"{result['sharded']} sharded parameters, layers {result['layers']}, log {result['logs']}")
+    if DEVICE == "cuda":  # on CPU, accelerate quietly falls back to DDP for the FSDP recipe
+        engine = {"ddp": "MULTI_GPU" if world > 1 else "", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+                  "deepspeed_zero3": "DEEPSPEED"}.get(recipe, "")
+        check(f"{recipe}/W{world}: engine {engine or 'any'}", engine in result["distributed_type"],
+              result["distributed_type"])
+        if recipe == "fsdp":
+            check(f"{recipe}/W{world}: FSDP2 parameters are DTensors", result["sharded"] > 0, str(result["sharded"]))
+        if recipe == "ddp" and world > 1:
+            check(f"{recipe}/W{world}: DDP wrapper", result["wrapper"] == "DistributedDataParallel", result["wrapper"])
+    check(f"{recipe}/W{world}: layers hooked", result["layers"] == ["bert.encoder.layer.1", "bert.encoder.layer.0"])
+    check(f"{recipe}/W{world}: penalty logged and finite",
+          bool(result["logs"]) and math.isfinite(result["logs"][0]["decorr_loss"]) and result["logs"][0]["decorr_loss"] > 0)
+    if world > 1:
+        global_penalty_over_nccl()
+        reference = os.path.join(out_dir, "ddp_W1.pt")
+        if os.path.exists(reference):
+            want = torch.load(reference, weights_only=False)
+            before = {n: p.detach().float() for n, p in tiny_bert().named_parameters()}
+            moved = torch.cat([(want["params"][n] - before[n]).reshape(-1) for n in before]).norm()
+            err = torch.cat([(params[n] - want["params"][n]).reshape(-1) for n in before]).norm()
+            check(f"{recipe}/W{world}: one step == one process", float(err / moved) <= 1e-4, f"{float(err / moved):.2e}")
+            for key in ("eval_decorr_samples", "eval_decorr_cvr", "eval_decorr_mapc"):
+                check(f"{recipe}/W{world}: {key} == one process",
+                      math.isclose(metrics[key], want["metrics"][key], rel_tol=1e-4), f"{metrics[key]} {want['metrics'][key]}")
+            for key in ("task_loss", "decorr_loss"):
+                check(f"{recipe}/W{world}: logged {key} == one process",
+                      math.isclose(result["logs"][0][key], want["logs"][0][key], rel_tol=1e-4),
+                      f"{result['logs'][0][key]} {want['logs'][0][key]}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        path = os.path.join(out_dir, f"{recipe}_W{world}.pt")
+        torch.save(result, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("mode", choices=["single", "launched"])
+    parser.add_argument("--recipe", default="ddp")
+    parser.add_argument("--out", default=tempfile.gettempdir())
+    parser.add_argument("--dry-run-cpu", action="store_true", help="the CPU stands in for the GPU (checks the script)")
+    cli = parser.parse_args()
+    global DEVICE
+    DEVICE = "cpu" if cli.dry_run_cpu else "cuda"
+    os.makedirs(cli.out, exist_ok=True)
+    try:
+        single() if cli.mode == "single" else launched(cli.recipe, cli.out)
+    except Exception as exc:
+        check(f"{cli.mode}/{cli.recipe}", False, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        print(f"{len(FAILED)} failed: {FAILED}" if FAILED else "all passed", flush=True)
+    sys.exit(1 if FAILED else 0)
+
+
+if __name__ == "__main__":
+    main()
