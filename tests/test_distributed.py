@@ -1,8 +1,9 @@
 """decorr_sync across 2 CPU processes (gloo) against one process that sees the whole batch.
 
 One ``accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 2
---mixed_precision no tests/dist_worker.py`` (module fixture) runs every 2-process scenario; the references are computed here, in this single process, by the same
-functions of ``dist_worker``. Checked:
+--mixed_precision no tests/dist_worker.py`` (module fixture) runs every 2-process scenario;
+the references are computed here, in this single process, by the same functions of
+``dist_worker``. Checked:
 
 * ``global``: the per-layer penalty and the DDP-averaged parameter gradients equal those of
   one process on the concatenated batch (1e-5 relative), for every penalty kind, for token
@@ -57,15 +58,16 @@ def launch(out_dir, parts: str) -> tuple[list[dict], float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.dirname(__file__)]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     # the DDP recipe itself, on CPU: 2 processes, gloo (the trainer runs get use_cpu=True)
+    worker = os.path.join(os.path.dirname(__file__), "dist_worker.py")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_RECIPE, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip",
-           "127.0.0.1", "--main_process_port", str(free_port()), os.path.join(os.path.dirname(__file__), "dist_worker.py"),
-           "--out", str(out_dir), "--part", parts]
+           "127.0.0.1", "--main_process_port", str(free_port()), worker, "--out", str(out_dir), "--part", parts]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"2-process worker timed out after {LAUNCH_TIMEOUT_S}s\nstdout:\n{exc.stdout}\nstderr:\n{exc.stderr}")
+        pytest.fail(f"2-process worker timed out after {LAUNCH_TIMEOUT_S}s\nstdout:\n{exc.stdout}\n"
+                    f"stderr:\n{exc.stderr}")
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         pytest.fail(f"2-process worker failed (exit {proc.returncode})\nstdout:\n{proc.stdout[-6000:]}\n"
@@ -231,7 +233,8 @@ def test_penalty_weight_ignores_the_task_loss_world_size_factor(two, one):
         assert flat1.norm() > 1e-3
         assert rel(flat2, flat1) <= 1e-4
         # the task-loss trap itself (documented in docs/DISTRIBUTED.md): W × the task update and logged loss
-        task_2 = torch.cat([(runs["tokens/avg_tokens/no_penalty"]["params"][n] - before[n]).reshape(-1) for n in before])
+        no_penalty = runs["tokens/avg_tokens/no_penalty"]["params"]
+        task_2 = torch.cat([(no_penalty[n] - before[n]).reshape(-1) for n in before])
         task_1 = torch.cat([(one["tokens/avg_tokens/no_penalty"]["params"][n] - before[n]).reshape(-1) for n in before])
         assert rel(task_2, 2 * task_1) <= 1e-4
         log2, log1 = runs["tokens/avg_tokens"]["logs"][0], one["tokens/avg_tokens"]["logs"][0]
