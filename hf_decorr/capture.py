@@ -43,7 +43,8 @@ class BlockStack:
 
 
 def _num_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    # DeepSpeed ZeRO-3 partitions parameters (numel() == 0 locally); ds_numel is the full size
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
 def find_block_stacks(model: nn.Module) -> list[BlockStack]:

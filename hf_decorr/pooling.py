@@ -55,10 +55,11 @@ def pool_hidden(
     if pooling == "tokens":
         return hidden.reshape(batch * length, width), None if mask is None else mask.reshape(-1)
     if pooling == "mean":
+        hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))  # sums in at least float32
         if mask is None:
-            return hidden.float().mean(dim=1), None
+            return hidden.mean(dim=1), None
         counts = mask.sum(dim=1, keepdim=True)
-        sums = torch.where(mask.unsqueeze(-1), hidden.float(), 0.0).sum(dim=1)
+        sums = torch.where(mask.unsqueeze(-1), hidden, 0.0).sum(dim=1)
         return sums / counts.clamp_min(1), counts.squeeze(-1) > 0
     if pooling == "first":
         if mask is None:

@@ -27,11 +27,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer_pt_utils import find_batch_size
 from transformers.trainer_utils import unwrap_peft_model
 
 from .capture import HiddenStateCapture, resolve_layers
 from .config import DecorrConfig
-from .distributed import all_reduce_sum, choose_strategy, global_penalty, world_size
+from .distributed import (
+    choose_strategy,
+    global_penalty_with_count,
+    real_samples_in_batch,
+    sum_accumulators,
+    world_size,
+)
 from .metrics import CovarianceAccumulator, decorrelation_metrics
 from .penalties import decorrelation_penalty
 from .pooling import mask_from_inputs, pool_hidden
@@ -187,8 +194,6 @@ class DecorrTrainerMixin:
         kernel; with ``decorr_sync="global"`` and several processes the covariance is taken over
         the samples of all processes.
         """
-        from .distributed import global_penalty_with_count
-
         kind = self.args.decorr_penalty
         world = world_size()
         sync = world > 1 and self.args.decorr_sync == "global"
@@ -327,10 +332,6 @@ class DecorrTrainerMixin:
         # With several processes and even_batches, accelerate completes the last batch with samples from
         # the start of the set; gather_for_metrics keeps the first `remainder` samples of the rank-major
         # concatenation. Keep the same samples here, so that summed statistics count every sample once.
-        from transformers.trainer_pt_utils import find_batch_size
-
-        from .distributed import real_samples_in_batch
-
         accelerator, keep, batch = self.accelerator, None, None
         state = accelerator.gradient_state
         if accelerator.num_processes > 1 and accelerator.even_batches and state.end_of_dataloader:
@@ -385,8 +386,6 @@ class DecorrTrainerMixin:
         Every process must call this (it runs collectives when there are several); a layer that
         one process did not see contributes zeros there.
         """
-        from .distributed import sum_accumulators
-
         stats = sum_accumulators(stats, self._decorr_layer_names, self.accelerator.device)
         per_layer: dict[str, dict[str, float]] = {}
         for name in self._decorr_layer_names:
