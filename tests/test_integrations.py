@@ -5,22 +5,13 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import dataclass
-
 import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import SHARED_DATA
-from hf_decorr import (
-    DecorrConfig,
-    DecorrSeq2SeqTrainer,
-    DecorrSeq2SeqTrainingArguments,
-    DecorrTrainer,
-    DecorrTrainerMixin,
-    DecorrTrainingArguments,
-)
+from hf_decorr import DecorrSeq2SeqTrainer, DecorrSeq2SeqTrainingArguments, DecorrTrainer, DecorrTrainingArguments
 from test_trainer import COMMON, GradRecorder, logged
 from tiny_models import tiny_bert, tiny_llama, tiny_t5, tiny_word_tokenizer, token_dataset
 
@@ -71,14 +62,7 @@ def test_seq2seq_trainer_t5(tmp_path):
 
 
 def test_trl_sft_trainer(tmp_path):
-    from trl import SFTConfig, SFTTrainer
-
-    @dataclass
-    class DecorrSFTConfig(DecorrConfig, SFTConfig):
-        pass
-
-    class DecorrSFTTrainer(DecorrTrainerMixin, SFTTrainer):
-        pass
+    from hf_decorr.trl import DecorrSFTConfig, DecorrSFTTrainer
 
     tokenizer = tiny_word_tokenizer()
     g = torch.Generator().manual_seed(0)
