@@ -1,0 +1,372 @@
+"""Figures of a layer's covariance: heat maps, spectra and metric-versus-loss curves.
+
+Matplotlib is an optional dependency (``pip install hf-decorr[plots]``); it is imported inside
+the functions, and figures are built with ``matplotlib.figure.Figure`` (no ``pyplot``), so
+nothing here touches a global backend or opens a window, and it works in threads and on
+headless machines. Inputs may be NumPy arrays, torch tensors or nested lists.
+
+* :func:`correlation_from_covariance`: ``R_ij = C_ij / √(C_ii C_jj)``; rows and columns of
+  *dead* units (``C_ii ≤ 1e-10 · max C_ii``, the rule of :mod:`hf_decorr.metrics`) are 0.
+* :func:`spectrum`: the unit variances ``diag C`` (the paper's "dimensions") or the
+  eigenvalues of ``C`` (principal components), sorted in decreasing order.
+* :func:`plot_matrix` / :func:`plot_covariance`: heat map of ``|C|`` (or ``C``, or ``|R|``).
+* :func:`plot_spectrum`: one spectrum as bars or as a one-row heat map ("strip").
+* :func:`plot_spectra`: many spectra (one per run) as the rows of a heat map.
+* :func:`plot_metric_curves`: a metric against the task loss, one curve per regulariser,
+  points ordered by λ, with mean ± std error bars over repeated runs (the paper's Figs. 2–3).
+* :func:`plot_histories`: values against training step or epoch (convergence checks).
+* :func:`new_figure`, :func:`save_figure` (atomic PNG write).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .metrics import DEAD_UNIT_RTOL
+from .reporting import aggregate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "as_numpy",
+    "correlation_from_covariance",
+    "spectrum",
+    "new_figure",
+    "save_figure",
+    "plot_matrix",
+    "plot_covariance",
+    "plot_spectrum",
+    "plot_spectra",
+    "plot_metric_curves",
+    "plot_histories",
+]
+
+SPECTRUM_KINDS = ("variance", "eigenvalues")
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("hf_decorr.plotting needs matplotlib: pip install 'hf-decorr[plots]'") from err
+    return matplotlib
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """A float64 NumPy copy of an array, tensor or nested list."""
+    if hasattr(x, "detach"):
+        x = x.detach().to("cpu").double().numpy()
+    return np.array(x, dtype=np.float64)
+
+
+def _square(cov: Any) -> np.ndarray:
+    c = as_numpy(cov)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"expected a square (p, p) matrix, got shape {c.shape}")
+    return 0.5 * (c + c.T)
+
+
+def correlation_from_covariance(cov: Any) -> np.ndarray:
+    """``R = C / √(diag C diag Cᵀ)`` of shape ``(p, p)``, with dead units' rows and columns set to 0."""
+    c = _square(cov)
+    var = np.clip(np.diag(c), 0.0, None)
+    live = var > DEAD_UNIT_RTOL * var.max() if var.max() > 0 else np.zeros_like(var, dtype=bool)
+    std = np.where(live, np.sqrt(np.where(live, var, 1.0)), 1.0)
+    r = c / np.outer(std, std)
+    r[~live, :] = 0.0
+    r[:, ~live] = 0.0
+    return r
+
+
+def spectrum(cov: Any, kind: str = "variance") -> np.ndarray:
+    """``diag C`` (``kind="variance"``) or the eigenvalues of ``C`` (``"eigenvalues"``), descending, ≥ 0."""
+    if kind not in SPECTRUM_KINDS:
+        raise ValueError(f"kind={kind!r} is not valid; choose one of {list(SPECTRUM_KINDS)}")
+    c = _square(cov)
+    values = np.diag(c) if kind == "variance" else np.linalg.eigvalsh(c)
+    return np.sort(np.clip(values, 0.0, None))[::-1]
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, panel_size: tuple[float, float] = (4.0, 3.2)) -> tuple["Figure", np.ndarray]:
+    """A ``Figure`` with an ``(nrows, ncols)`` array of axes, each about ``panel_size`` inches."""
+    _require_matplotlib()
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _axes(ax: "Axes | None") -> "Axes":
+    if ax is not None:
+        return ax
+    return new_figure()[1][0, 0]
+
+
+def save_figure(fig: "Figure", path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Save ``fig`` to ``path`` (format from the suffix, PNG by default) atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=fmt, dpi=dpi)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; the result is an ordinary output file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def plot_matrix(
+    matrix: Any,
+    ax: "Axes | None" = None,
+    *,
+    title: str | None = None,
+    absolute: bool = True,
+    cmap: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    colorbar: bool = True,
+    tick_labels: Sequence[str] | None = None,
+    annotate: bool = False,
+) -> "Axes":
+    """Heat map of a ``(p, q)`` matrix (``|M|`` when ``absolute``); returns the axes.
+
+    Signed maps use a diverging colour map centred on 0. ``annotate`` writes each value in
+    its cell (for small matrices).
+    """
+    m = as_numpy(matrix)
+    if m.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {m.shape}")
+    ax = _axes(ax)
+    if absolute:
+        m = np.abs(m)
+        cmap = cmap or "viridis"
+        vmin = 0.0 if vmin is None else vmin
+    else:
+        cmap = cmap or "RdBu_r"
+        bound = float(np.nanmax(np.abs(m))) if m.size else 1.0
+        vmin = -bound if vmin is None else vmin
+        vmax = bound if vmax is None else vmax
+    image = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="equal")
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, shrink=0.85)
+    if tick_labels is not None:
+        ax.set_xticks(range(m.shape[1]), tick_labels, rotation=90)
+        ax.set_yticks(range(m.shape[0]), tick_labels)
+    elif max(m.shape) <= 16:
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(m.shape[0]))
+    if annotate:
+        top = float(np.nanmax(np.abs(m))) if m.size else 0.0
+        for (i, j), value in np.ndenumerate(m):
+            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7,
+                    color="white" if absolute and abs(value) < 0.5 * top else "black")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_covariance(
+    cov: Any,
+    ax: "Axes | None" = None,
+    *,
+    correlation: bool = False,
+    absolute: bool = True,
+    title: str | None = None,
+    **kwargs: Any,
+) -> "Axes":
+    """Heat map of a covariance matrix ``C`` ``(p, p)``, or of its correlation matrix when ``correlation``.
+
+    Extra keyword arguments go to :func:`plot_matrix`.
+    """
+    m = correlation_from_covariance(cov) if correlation else _square(cov)
+    if correlation and absolute:
+        kwargs.setdefault("vmax", 1.0)
+    return plot_matrix(m, ax, title=title, absolute=absolute, **kwargs)
+
+
+def _spectrum_values(values: Any, kind: str, normalise: bool) -> np.ndarray:
+    v = as_numpy(values)
+    if v.ndim == 2:
+        v = spectrum(v, kind)
+    elif v.ndim == 1:
+        v = np.sort(np.clip(v, 0.0, None))[::-1]
+    else:
+        raise ValueError(f"expected a covariance matrix (p, p) or a vector of values (p,), got shape {v.shape}")
+    if normalise:
+        total = v.sum()
+        v = v / total if total > 0 else v
+    return v
+
+
+def plot_spectrum(
+    values: Any,
+    ax: "Axes | None" = None,
+    *,
+    kind: str = "variance",
+    normalise: bool = True,
+    style: str = "bar",
+    threshold: float | None = None,
+    title: str | None = None,
+    log: bool = False,
+) -> "Axes":
+    """One spectrum: ``values`` is a covariance ``(p, p)`` (its :func:`spectrum` of ``kind``) or a vector.
+
+    ``normalise`` divides by the sum (shares of the total variance). ``style="bar"`` draws
+    bars against the rank, with an optional horizontal ``threshold`` line; ``style="strip"``
+    draws a one-row heat map like the paper's spectra.
+    """
+    if style not in ("bar", "strip"):
+        raise ValueError(f"style={style!r} is not valid; choose one of ['bar', 'strip']")
+    v = _spectrum_values(values, kind, normalise)
+    ax = _axes(ax)
+    if style == "strip":
+        image = ax.imshow(v[None, :], cmap="viridis", vmin=0.0, aspect="auto", interpolation="nearest")
+        ax.figure.colorbar(image, ax=ax, shrink=0.85)
+        ax.set_yticks([])
+        ax.set_xticks(range(len(v)))
+    else:
+        ax.bar(np.arange(1, len(v) + 1), v, color="tab:blue")
+        if threshold is not None:
+            ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel("share of variance" if normalise else ("variance" if kind == "variance" else "eigenvalue"))
+    ax.set_xlabel("unit (by variance)" if kind == "variance" else "principal component")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_spectra(
+    spectra: Mapping[str, Any],
+    ax: "Axes | None" = None,
+    *,
+    kind: str = "variance",
+    normalise: bool = True,
+    title: str | None = None,
+    cmap: str = "viridis",
+) -> "Axes":
+    """Several spectra as the rows of one heat map (row label → covariance ``(p, p)`` or vector ``(p,)``).
+
+    Rows shorter than the longest are padded with 0.
+    """
+    if not spectra:
+        raise ValueError("plot_spectra needs at least one spectrum")
+    rows = [_spectrum_values(v, kind, normalise) for v in spectra.values()]
+    width = max(len(r) for r in rows)
+    grid = np.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        grid[i, : len(r)] = r
+    ax = _axes(ax)
+    image = ax.imshow(grid, cmap=cmap, vmin=0.0, aspect="auto", interpolation="nearest")
+    ax.figure.colorbar(image, ax=ax, shrink=0.85, label="share of variance" if normalise else None)
+    ax.set_yticks(range(len(rows)), list(spectra.keys()))
+    ticks = range(width) if width <= 20 else sorted({int(round(t)) for t in np.linspace(0, width - 1, 8)})
+    ax.set_xticks(list(ticks), [str(i + 1) for i in ticks])
+    ax.set_xlabel("unit (by variance)" if kind == "variance" else "principal component")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_metric_curves(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    x: str,
+    y: str,
+    group: str,
+    order: str,
+    ax: "Axes | None" = None,
+    logx: bool = True,
+    logy: bool = False,
+    errorbars: bool = True,
+    annotate: bool = False,
+    annotate_format: str = ".2g",
+    labels: Mapping[Any, str] | None = None,
+    shared: Sequence[Mapping[str, Any]] = (),
+    title: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    reference: float | None = None,
+) -> "Axes":
+    """``y`` against ``x``, one curve per value of ``group``, points sorted by ``order``.
+
+    Records with equal ``(group, order)`` (repeated runs) are averaged, with ``mean ± std``
+    error bars on both axes when ``errorbars``. ``shared`` records (e.g. the unregularised
+    λ = 0 runs) are added to every curve. ``annotate`` writes the ``order`` value (formatted with
+    ``annotate_format``) next to each point; ``reference`` draws a horizontal dashed line (an
+    optimum or a target).
+    """
+    if not records:
+        raise ValueError("plot_metric_curves needs at least one record")
+    ax = _axes(ax)
+    groups = list(dict.fromkeys(r[group] for r in records))
+    for name in groups:
+        members = [r for r in records if r[group] == name] + [{**r, group: name} for r in shared]
+        rows = sorted(aggregate(members, [order], [x, y]), key=lambda r: r[order])
+        xs = np.array([r[f"{x}_mean"] for r in rows], dtype=float)
+        ys = np.array([r[f"{y}_mean"] for r in rows], dtype=float)
+        label = (labels or {}).get(name, str(name))
+        if errorbars and any(r["n"] > 1 for r in rows):
+            ax.errorbar(xs, ys, xerr=[r[f"{x}_std"] for r in rows], yerr=[r[f"{y}_std"] for r in rows],
+                        marker="o", markersize=4, capsize=2, linewidth=1.2, label=label)
+        else:
+            ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.2, label=label)
+        if annotate:
+            for r, xv, yv in zip(rows, xs, ys):
+                ax.annotate(format(r[order], annotate_format), (xv, yv), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", linewidth=1)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_histories(
+    histories: Mapping[str, Sequence[tuple[float, float]]],
+    ax: "Axes | None" = None,
+    *,
+    logy: bool = False,
+    title: str | None = None,
+    xlabel: str = "epoch",
+    ylabel: str | None = None,
+) -> "Axes":
+    """One line per label through its ``(x, value)`` points (a loss or a metric during training)."""
+    ax = _axes(ax)
+    for label, points in histories.items():
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, linewidth=1.2, label=label)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if len(histories) > 1:
+        ax.legend(fontsize=7)
+    return ax
