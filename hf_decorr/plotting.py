@@ -96,7 +96,9 @@ def spectrum(cov: Any, kind: str = "variance") -> np.ndarray:
     return np.sort(np.clip(values, 0.0, None))[::-1]
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, panel_size: tuple[float, float] = (4.0, 3.2)) -> tuple["Figure", np.ndarray]:
+def new_figure(
+    nrows: int = 1, ncols: int = 1, panel_size: tuple[float, float] = (4.0, 3.2)
+) -> tuple[Figure, np.ndarray]:
     """A ``Figure`` with an ``(nrows, ncols)`` array of axes, each about ``panel_size`` inches."""
     _require_matplotlib()
     from matplotlib.figure import Figure
@@ -106,13 +108,13 @@ def new_figure(nrows: int = 1, ncols: int = 1, panel_size: tuple[float, float] =
     return fig, axes
 
 
-def _axes(ax: "Axes | None") -> "Axes":
+def _axes(ax: Axes | None) -> Axes:
     if ax is not None:
         return ax
     return new_figure()[1][0, 0]
 
 
-def save_figure(fig: "Figure", path: str | os.PathLike, dpi: int = 100) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Save ``fig`` to ``path`` (format from the suffix, PNG by default) atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +134,7 @@ def save_figure(fig: "Figure", path: str | os.PathLike, dpi: int = 100) -> Path:
 
 def plot_matrix(
     matrix: Any,
-    ax: "Axes | None" = None,
+    ax: Axes | None = None,
     *,
     title: str | None = None,
     absolute: bool = True,
@@ -142,7 +144,7 @@ def plot_matrix(
     colorbar: bool = True,
     tick_labels: Sequence[str] | None = None,
     annotate: bool = False,
-) -> "Axes":
+) -> Axes:
     """Heat map of a ``(p, q)`` matrix (``|M|`` when ``absolute``); returns the axes.
 
     Signed maps use a diverging colour map centred on 0. ``annotate`` writes each value in
@@ -173,8 +175,15 @@ def plot_matrix(
     if annotate:
         top = float(np.nanmax(np.abs(m))) if m.size else 0.0
         for (i, j), value in np.ndenumerate(m):
-            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7,
-                    color="white" if absolute and abs(value) < 0.5 * top else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:.2g}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if absolute and abs(value) < 0.5 * top else "black",
+            )
     if title:
         ax.set_title(title)
     return ax
@@ -182,13 +191,13 @@ def plot_matrix(
 
 def plot_covariance(
     cov: Any,
-    ax: "Axes | None" = None,
+    ax: Axes | None = None,
     *,
     correlation: bool = False,
     absolute: bool = True,
     title: str | None = None,
     **kwargs: Any,
-) -> "Axes":
+) -> Axes:
     """Heat map of a covariance matrix ``C`` ``(p, p)``, or of its correlation matrix when ``correlation``.
 
     Extra keyword arguments go to :func:`plot_matrix`.
@@ -215,7 +224,7 @@ def _spectrum_values(values: Any, kind: str, normalise: bool) -> np.ndarray:
 
 def plot_spectrum(
     values: Any,
-    ax: "Axes | None" = None,
+    ax: Axes | None = None,
     *,
     kind: str = "variance",
     normalise: bool = True,
@@ -223,7 +232,7 @@ def plot_spectrum(
     threshold: float | None = None,
     title: str | None = None,
     log: bool = False,
-) -> "Axes":
+) -> Axes:
     """One spectrum: ``values`` is a covariance ``(p, p)`` (its :func:`spectrum` of ``kind``) or a vector.
 
     ``normalise`` divides by the sum (shares of the total variance). ``style="bar"`` draws
@@ -254,13 +263,13 @@ def plot_spectrum(
 
 def plot_spectra(
     spectra: Mapping[str, Any],
-    ax: "Axes | None" = None,
+    ax: Axes | None = None,
     *,
     kind: str = "variance",
     normalise: bool = True,
     title: str | None = None,
     cmap: str = "viridis",
-) -> "Axes":
+) -> Axes:
     """Several spectra as the rows of one heat map (row label → covariance ``(p, p)`` or vector ``(p,)``).
 
     Rows shorter than the longest are padded with 0.
@@ -291,7 +300,7 @@ def plot_metric_curves(
     y: str,
     group: str,
     order: str,
-    ax: "Axes | None" = None,
+    ax: Axes | None = None,
     logx: bool = True,
     logy: bool = False,
     errorbars: bool = True,
@@ -303,7 +312,7 @@ def plot_metric_curves(
     xlabel: str | None = None,
     ylabel: str | None = None,
     reference: float | None = None,
-) -> "Axes":
+) -> Axes:
     """``y`` against ``x``, one curve per value of ``group``, points sorted by ``order``.
 
     Records with equal ``(group, order)`` (repeated runs) are averaged, with ``mean ± std``
@@ -323,13 +332,24 @@ def plot_metric_curves(
         ys = np.array([r[f"{y}_mean"] for r in rows], dtype=float)
         label = (labels or {}).get(name, str(name))
         if errorbars and any(r["n"] > 1 for r in rows):
-            ax.errorbar(xs, ys, xerr=[r[f"{x}_std"] for r in rows], yerr=[r[f"{y}_std"] for r in rows],
-                        marker="o", markersize=4, capsize=2, linewidth=1.2, label=label)
+            ax.errorbar(
+                xs,
+                ys,
+                xerr=[r[f"{x}_std"] for r in rows],
+                yerr=[r[f"{y}_std"] for r in rows],
+                marker="o",
+                markersize=4,
+                capsize=2,
+                linewidth=1.2,
+                label=label,
+            )
         else:
             ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.2, label=label)
         if annotate:
             for r, xv, yv in zip(rows, xs, ys):
-                ax.annotate(format(r[order], annotate_format), (xv, yv), textcoords="offset points", xytext=(3, 3), fontsize=6)
+                ax.annotate(
+                    format(r[order], annotate_format), (xv, yv), textcoords="offset points", xytext=(3, 3), fontsize=6
+                )
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", linewidth=1)
     if logx:
@@ -346,13 +366,13 @@ def plot_metric_curves(
 
 def plot_histories(
     histories: Mapping[str, Sequence[tuple[float, float]]],
-    ax: "Axes | None" = None,
+    ax: Axes | None = None,
     *,
     logy: bool = False,
     title: str | None = None,
     xlabel: str = "epoch",
     ylabel: str | None = None,
-) -> "Axes":
+) -> Axes:
     """One line per label through its ``(x, value)`` points (a loss or a metric during training)."""
     ax = _axes(ax)
     for label, points in histories.items():

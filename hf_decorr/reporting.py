@@ -67,9 +67,7 @@ def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
     return mean, math.sqrt(var), n
 
 
-def aggregate(
-    records: Sequence[Mapping[str, Any]], by: Sequence[str], metrics: Sequence[str]
-) -> list[dict[str, Any]]:
+def aggregate(records: Sequence[Mapping[str, Any]], by: Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
     """Group ``records`` by the values of the keys ``by`` (in order of first appearance).
 
     Each output row holds the ``by`` keys, ``<metric>_mean`` and ``<metric>_std`` for every

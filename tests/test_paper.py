@@ -63,8 +63,10 @@ def _check_outputs(out, names):
         (LinearAutoencoderConfig(input_dim=6, code_dim=5), {"input_values": torch.randn(7, 6)}),
         (XorMLPConfig(hidden_sizes=[4, 3]), {"input_values": torch.rand(7, 2), "labels": torch.ones(7)}),
         (ConvAutoencoderConfig(code_size=12, hidden_size=20), {"pixel_values": torch.rand(7, 1, 8, 8)}),
-        (ConvAutoencoderConfig(image_size=12, num_channels=3, conv_channels=[4, 6], kernel_size=5, code_size=9),
-         {"pixel_values": torch.rand(7, 3, 12, 12)}),
+        (
+            ConvAutoencoderConfig(image_size=12, num_channels=3, conv_channels=[4, 6], kernel_size=5, code_size=9),
+            {"pixel_values": torch.rand(7, 3, 12, 12)},
+        ),
     ],
 )
 def test_models_roundtrip_through_auto_classes(tmp_path, config, inputs):
@@ -130,9 +132,15 @@ def test_trainer_metrics_match_library_metrics_of_the_layer(tmp_path):
     args = dimensionality.DimensionalityArguments(num_samples=300, eval_samples=257, epochs=1, num_draws=1)
     train, held_out, _ = dimensionality.make_draw(args, 0)
     model = LinearAutoencoder(LinearAutoencoderConfig())
-    targs = paper_common.training_arguments(str(tmp_path), num_train_epochs=1, per_device_train_batch_size=50,
-                                            per_device_eval_batch_size=100, decorr_layers=["code"],
-                                            decorr_weight=0.5, decorr_top_d=4)
+    targs = paper_common.training_arguments(
+        str(tmp_path),
+        num_train_epochs=1,
+        per_device_train_batch_size=50,
+        per_device_eval_batch_size=100,
+        decorr_layers=["code"],
+        decorr_weight=0.5,
+        decorr_top_d=4,
+    )
     trainer, metrics = paper_common.train_and_evaluate(model, targs, train, held_out)
     assert isinstance(trainer, DecorrTrainer) and trainer.decorr_layer_names == ["code"]
     cov = paper_common.layer_covariances(trainer.model, held_out, ["code"])["code"]
@@ -147,9 +155,16 @@ def test_trainer_metrics_match_library_metrics_of_the_layer(tmp_path):
 
 def test_penalty_concentrates_the_variance_of_the_linear_code(tmp_path):
     """The claim in miniature: L_Σ moves the code's variance into fewer units, at a small MSE cost."""
-    args = dimensionality.DimensionalityArguments(num_draws=1, num_samples=2000, eval_samples=500, epochs=6,
-                                                  num_weights=1, weight_min=1.0, weight_max=1.0,
-                                                  penalties=["cov_l1"])
+    args = dimensionality.DimensionalityArguments(
+        num_draws=1,
+        num_samples=2000,
+        eval_samples=500,
+        epochs=6,
+        num_weights=1,
+        weight_min=1.0,
+        weight_max=1.0,
+        penalties=["cov_l1"],
+    )
     data = dimensionality.make_draw(args, 0)
     with paper_common.runtime(1):
         plain = dimensionality.run_one(args, 0, "none", 0.0, data, str(tmp_path))
@@ -176,9 +191,8 @@ def test_runtime_restores_threads():
     with paper_common.runtime(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
-    with pytest.raises(ValueError, match="--num_threads"):
-        with paper_common.runtime(0):
-            pass
+    with pytest.raises(ValueError, match="--num_threads"), paper_common.runtime(0):
+        pass
 
 
 # ---- recipes: argument checks ------------------------------------------------------------------------------
@@ -221,12 +235,26 @@ def test_cifar10_offline_fails_early_with_a_clear_error(tmp_path, monkeypatch):
 def test_dimensionality_quick(tmp_path):
     out = tmp_path / "dim"
     result = dimensionality.main(["--output_dir", str(out), "--quick"])
-    data = _check_outputs(out, ["results.json", "results.md", "dimensionality_fig2.png", "dimensionality_fig3.png",
-                                "dimensionality_convergence.png", "dimensionality_covariance.png"])
+    data = _check_outputs(
+        out,
+        [
+            "results.json",
+            "results.md",
+            "dimensionality_fig2.png",
+            "dimensionality_fig3.png",
+            "dimensionality_convergence.png",
+            "dimensionality_covariance.png",
+        ],
+    )
     runs = data["runs"]
     assert len(runs) == 2 * (1 + 2 * 2)  # 2 draws × (λ = 0 + 2 penalties × 2 λ)
-    assert {(r["penalty"], r["weight"]) for r in runs} == {("none", 0.0), ("cov_l1", 0.01), ("cov_l1", 1.0),
-                                                            ("l1", 0.01), ("l1", 1.0)}
+    assert {(r["penalty"], r["weight"]) for r in runs} == {
+        ("none", 0.0),
+        ("cov_l1", 0.01),
+        ("cov_l1", 1.0),
+        ("l1", 0.01),
+        ("l1", 1.0),
+    }
     for r in runs:
         assert all(math.isfinite(x) for x in _finite_numbers({k: r[k] for k in dimensionality.METRICS}))
         assert 0 < r["tdv"] <= 1 and 1 <= r["ud"] <= 10 and r["cvr"] >= 1
@@ -263,7 +291,11 @@ def test_xor_data_and_active_units():
     assert xor.count_active([0.2, 0.01, 0.0099, 0.0], 0.01) == 2
     # relative rule: scale-free, so a layer shrunk by the penalty keeps its count
     assert xor.count_active_share([0.2, 0.01, 0.0099, 0.0], 0.05) == 1
-    assert xor.count_active_share([0.002, 0.0001, 0.00009, 0.0], 0.01) == xor.count_active_share([0.2, 0.01, 0.009, 0.0], 0.01) == 3
+    assert (
+        xor.count_active_share([0.002, 0.0001, 0.00009, 0.0], 0.01)
+        == xor.count_active_share([0.2, 0.01, 0.009, 0.0], 0.01)
+        == 3
+    )
     assert xor.count_active_share([0.0] * 4, 0.01) == 0
 
 

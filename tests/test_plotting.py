@@ -109,12 +109,24 @@ def test_plot_spectrum_rejects_bad_style_and_shape():
 def test_metric_curves_average_repeats_and_share_baseline(tmp_path):
     records = [
         {"penalty": pen, "weight": w, "draw": d, "mse": w * (1 + d) + 0.01, "tdv": 0.5 + w / 2}
-        for pen in ("cov_l1", "l1") for w in (0.1, 1.0) for d in range(3)
+        for pen in ("cov_l1", "l1")
+        for w in (0.1, 1.0)
+        for d in range(3)
     ]
     shared = [{"penalty": "none", "weight": 0.0, "draw": d, "mse": 0.01, "tdv": 0.5} for d in range(3)]
     fig, axes = new_figure()
-    ax = plot_metric_curves(records, x="mse", y="tdv", group="penalty", order="weight", ax=axes[0, 0],
-                            shared=shared, labels={"cov_l1": "L_Σ"}, annotate=True, reference=1.0)
+    ax = plot_metric_curves(
+        records,
+        x="mse",
+        y="tdv",
+        group="penalty",
+        order="weight",
+        ax=axes[0, 0],
+        shared=shared,
+        labels={"cov_l1": "L_Σ"},
+        annotate=True,
+        reference=1.0,
+    )
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["L_Σ", "l1"]
     # each curve: λ = 0 (shared) + two λ, x = mean over the three draws
@@ -184,16 +196,14 @@ def test_staged_directory_replaces_on_success_and_keeps_old_on_error(tmp_path):
         assert not target.exists()
     assert (target / "a.txt").read_text() == "1"
     assert oct(target.stat().st_mode & 0o777) == "0o755"
-    with pytest.raises(RuntimeError, match="boom"):
-        with staged_directory(target) as d:
-            (d / "b.txt").write_text("2")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), staged_directory(target) as d:
+        (d / "b.txt").write_text("2")
+        raise RuntimeError("boom")
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"]  # the old, complete outputs
     with staged_directory(target) as d:
         (d / "c.txt").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old folders left
-    with pytest.raises(FileExistsError, match="exists"):
-        with staged_directory(target, overwrite=False):
-            pass
+    with pytest.raises(FileExistsError, match="exists"), staged_directory(target, overwrite=False):
+        pass
     assert os.path.isdir(target)

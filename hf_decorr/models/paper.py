@@ -118,9 +118,7 @@ class LinearAutoencoder(_PaperPreTrainedModel):
         self.decoder = nn.Linear(config.code_dim, config.input_dim)
         self.post_init()
 
-    def forward(
-        self, input_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
-    ) -> AutoencoderOutput:
+    def forward(self, input_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> AutoencoderOutput:
         """``input_values`` ``(batch, D)``; ``labels`` the target (defaults to the input)."""
         code = self.code(input_values)
         reconstruction = self.decoder(code)
@@ -138,7 +136,10 @@ class XorMLPConfig(PretrainedConfig):
     model_type = "decorr_xor_mlp"
 
     def __init__(
-        self, input_dim: int = 2, hidden_sizes: list[int] | tuple[int, ...] = (4, 4), activation: str = "sigmoid",
+        self,
+        input_dim: int = 2,
+        hidden_sizes: list[int] | tuple[int, ...] = (4, 4),
+        activation: str = "sigmoid",
         **kwargs,
     ) -> None:
         self.input_dim = _positive_int(input_dim, "input_dim")
@@ -147,7 +148,9 @@ class XorMLPConfig(PretrainedConfig):
             raise ValueError("hidden_sizes must hold at least one layer width")
         self.hidden_sizes = [_positive_int(s, "hidden_sizes") for s in sizes]
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not a known activation; choose one of {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"activation={activation!r} is not a known activation; choose one of {sorted(ACTIVATIONS)}"
+            )
         self.activation = activation
         super().__init__(**kwargs)
 
@@ -244,29 +247,36 @@ class ConvAutoencoder(_PaperPreTrainedModel):
         self.small = config.image_size // 4
         flat = c2 * self.small * self.small
         self.encoder = nn.Sequential(
-            nn.Conv2d(c, c1, k, padding=k // 2), _activation(act, "activation"), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, k, padding=k // 2), _activation(act, "activation"), nn.MaxPool2d(2),
+            nn.Conv2d(c, c1, k, padding=k // 2),
+            _activation(act, "activation"),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, k, padding=k // 2),
+            _activation(act, "activation"),
+            nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(flat, config.hidden_size), _activation(act, "activation"),
+            nn.Linear(flat, config.hidden_size),
+            _activation(act, "activation"),
         )
         self.code = nn.Sequential(
             nn.Linear(config.hidden_size, config.code_size), _activation(config.code_activation, "code_activation")
         )
         self.decoder_dense = nn.Sequential(
-            nn.Linear(config.code_size, config.hidden_size), _activation(act, "activation"),
-            nn.Linear(config.hidden_size, flat), _activation(act, "activation"),
+            nn.Linear(config.code_size, config.hidden_size),
+            _activation(act, "activation"),
+            nn.Linear(config.hidden_size, flat),
+            _activation(act, "activation"),
         )
         self.decoder_conv = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(c2, c1, k, padding=k // 2), _activation(act, "activation"),
+            nn.Conv2d(c2, c1, k, padding=k // 2),
+            _activation(act, "activation"),
             nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(c1, c, k, padding=k // 2), nn.Sigmoid(),
+            nn.Conv2d(c1, c, k, padding=k // 2),
+            nn.Sigmoid(),
         )
         self.post_init()
 
-    def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
-    ) -> AutoencoderOutput:
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> AutoencoderOutput:
         """``pixel_values`` ``(batch, C, S, S)``; ``labels`` the target (defaults to the input)."""
         code = self.code(self.encoder(pixel_values))
         h = self.decoder_dense(code).view(-1, self.config.conv_channels[1], self.small, self.small)

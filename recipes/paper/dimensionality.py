@@ -57,7 +57,13 @@ from paper_common import (  # noqa: E402
 from hf_decorr.metrics import decorrelation_metrics  # noqa: E402
 from hf_decorr.models import LinearAutoencoder, LinearAutoencoderConfig  # noqa: E402
 from hf_decorr.penalties import PENALTIES  # noqa: E402
-from hf_decorr.plotting import new_figure, plot_covariance, plot_histories, plot_metric_curves, save_figure  # noqa: E402
+from hf_decorr.plotting import (  # noqa: E402
+    new_figure,
+    plot_covariance,
+    plot_histories,
+    plot_metric_curves,
+    save_figure,
+)
 from hf_decorr.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
 
 METRICS = ("mse", "rel_mse", "mapc", "mapc_active", "cvr", "tdv", "ud", "pca_ud", "active_units")
@@ -73,14 +79,18 @@ class DimensionalityArguments:
     output_dir: str = field(
         default="results/paper/dimensionality", metadata={"help": "Folder for results.json, results.md and figures."}
     )
-    num_draws: int = field(default=10, metadata={"help": "Number of random draws of Ω (and of the data and initial weights)."})
+    num_draws: int = field(
+        default=10, metadata={"help": "Number of random draws of Ω (and of the data and initial weights)."}
+    )
     num_samples: int = field(default=10_000, metadata={"help": "Training samples per draw."})
     eval_samples: int = field(default=2_000, metadata={"help": "Held-out samples per draw (same Ω) for the metrics."})
     input_dim: int = field(default=10, metadata={"help": "D, the dimension of the observed x = Ωz."})
     latent_variances: list[float] = field(
         default_factory=lambda: [1.0, 0.8, 0.6, 0.4],
-        metadata={"help": "The diagonal of Σ (the true dimensionality is their number). Distinct, so the axes are "
-                  "identifiable; each holds ≥ 10% of the variance, so 4 is also the true UD_90%."},
+        metadata={
+            "help": "The diagonal of Σ (the true dimensionality is their number). Distinct, so the axes are "
+            "identifiable; each holds ≥ 10% of the variance, so 4 is also the true UD_90%."
+        },
     )
     code_dim: int = field(default=10, metadata={"help": "Units of the linear coding layer."})
     num_weights: int = field(default=8, metadata={"help": "Number of log-spaced λ values (besides λ = 0)."})
@@ -88,8 +98,10 @@ class DimensionalityArguments:
     weight_max: float = field(default=1.0, metadata={"help": "Largest λ of the sweep."})
     penalties: list[str] = field(
         default_factory=lambda: ["cov_l1", "l1"],
-        metadata={"help": "Penalties to sweep: 'cov_l1' (the paper's L_Σ) and the 'l1' activation baseline "
-                  "(also 'decov', 'vicreg')."},
+        metadata={
+            "help": "Penalties to sweep: 'cov_l1' (the paper's L_Σ) and the 'l1' activation baseline "
+            "(also 'decov', 'vicreg')."
+        },
     )
     epochs: int = field(default=20, metadata={"help": "Training epochs per run (the paper: 10,000; see docs)."})
     batch_size: int = field(default=100, metadata={"help": "Training batch size (samples per covariance estimate)."})
@@ -99,7 +111,8 @@ class DimensionalityArguments:
     min_share_of_draws: float = field(default=0.8, metadata={"help": "Claim threshold: share of draws that must pass."})
     max_mse_ratio: float = field(default=2.0, metadata={"help": "Claim threshold: MSE(λ) / MSE(0) at most this."})
     recommended_weight: float | None = field(
-        default=None, metadata={"help": "λ at which to check the claim; default: the smallest λ of the grid that passes."}
+        default=None,
+        metadata={"help": "λ at which to check the claim; default: the smallest λ of the grid that passes."},
     )
     seed: int = field(default=0, metadata={"help": "Base seed; draw k uses seed + k."})
     num_threads: int = field(default=1, metadata={"help": "torch intra-op threads (1 is fastest for this tiny model)."})
@@ -109,8 +122,16 @@ class DimensionalityArguments:
         if self.quick:
             self.num_draws, self.num_samples, self.eval_samples = 2, 400, 200
             self.num_weights, self.weight_min, self.weight_max, self.epochs = 2, 0.01, 1.0, 2
-        for name in ("num_draws", "num_samples", "eval_samples", "input_dim", "code_dim", "num_weights", "epochs",
-                     "batch_size"):
+        for name in (
+            "num_draws",
+            "num_samples",
+            "eval_samples",
+            "input_dim",
+            "code_dim",
+            "num_weights",
+            "epochs",
+            "batch_size",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
@@ -119,8 +140,9 @@ class DimensionalityArguments:
         if not self.latent_variances or any(not (v > 0 and math.isfinite(v)) for v in self.latent_variances):
             raise ValueError(f"--latent_variances must be positive numbers, got {self.latent_variances}")
         if not 0 < self.weight_min <= self.weight_max:
-            raise ValueError(f"--weight_min and --weight_max must satisfy 0 < min <= max, got {self.weight_min}, "
-                             f"{self.weight_max}")
+            raise ValueError(
+                f"--weight_min and --weight_max must satisfy 0 < min <= max, got {self.weight_min}, {self.weight_max}"
+            )
         unknown = [p for p in self.penalties if p not in PENALTIES]
         if not self.penalties or unknown:
             raise ValueError(f"--penalties {unknown or self.penalties} is not valid; choose from {sorted(PENALTIES)}")
@@ -149,9 +171,7 @@ def make_draw(args: DimensionalityArguments, draw: int) -> tuple[TensorDictDatas
     return sample(args.num_samples), sample(args.eval_samples), omega
 
 
-def run_one(
-    args: DimensionalityArguments, draw: int, penalty: str, weight: float, data: tuple, scratch: str
-) -> dict:
+def run_one(args: DimensionalityArguments, draw: int, penalty: str, weight: float, data: tuple, scratch: str) -> dict:
     """Train and evaluate one (draw, penalty, λ); returns the run's record."""
     train, held_out, _ = data
     set_seed(args.seed + draw)  # the same initial weights for every run of a draw
@@ -175,8 +195,14 @@ def run_one(
     wall_s = clock.elapsed()["wall_s"]
     keys = ["eval_loss", "eval_decorr_tdv", "eval_decorr_ud", "eval_decorr_cvr", "eval_decorr_mapc"]
     history = [
-        {"epoch": h["epoch"], "mse": h["eval_loss"], "tdv": h["eval_decorr_tdv"], "ud": h["eval_decorr_ud"],
-         "cvr": h["eval_decorr_cvr"], "mapc": h["eval_decorr_mapc"]}
+        {
+            "epoch": h["epoch"],
+            "mse": h["eval_loss"],
+            "tdv": h["eval_decorr_tdv"],
+            "ud": h["eval_decorr_ud"],
+            "cvr": h["eval_decorr_cvr"],
+            "mapc": h["eval_decorr_mapc"],
+        }
         for h in eval_history(trainer, keys)
     ]
     cov = layer_covariances(trainer.model, held_out, ["code"])["code"]
@@ -189,7 +215,7 @@ def run_one(
         "rel_mse": metrics["eval_loss"] / float(x.var(dim=0).mean()),
         **{m: metrics[f"eval_decorr_{m}"] for m in ("mapc", "cvr", "tdv", "ud", "pca_ud", "live_units")},
         **active_unit_metrics(cov),
-        "train_loss": trainer.state.log_history[-2].get("train_loss") if len(trainer.state.log_history) > 1 else None,
+        "train_loss": next((h["train_loss"] for h in trainer.state.log_history if "train_loss" in h), None),
         "wall_s": wall_s,
         "history": history,
         "covariance": cov.tolist() if draw == 0 else None,  # for the heat maps
@@ -256,17 +282,23 @@ def check_claim(records: list[dict], args: DimensionalityArguments) -> dict:
         if not runs:
             continue
         ratios = [r["mse"] / base[r["draw"]] if base[r["draw"]] > 0 else math.inf for r in runs]
-        per_weight.append({
-            "weight": w,
-            "draws_passing": sum(passes(r, args) for r in runs),
-            "draws_ud_3_or_4": sum(r["ud"] in (len(args.latent_variances) - 1, len(args.latent_variances)) for r in runs),
-            "draws_tdv_ok": sum(r["tdv"] >= args.min_tdv for r in runs),
-            "draws": len(runs),
-            "mean_mse": float(np.mean([r["mse"] for r in runs])),
-            "mse_ratio_of_means": float(np.mean([r["mse"] for r in runs])) / mean_base if mean_base > 0 else math.inf,
-            "draws_mse_within_ratio": sum(q <= args.max_mse_ratio for q in ratios),
-            "median_mse_ratio": float(np.median(ratios)),
-        })
+        per_weight.append(
+            {
+                "weight": w,
+                "draws_passing": sum(passes(r, args) for r in runs),
+                "draws_ud_3_or_4": sum(
+                    r["ud"] in (len(args.latent_variances) - 1, len(args.latent_variances)) for r in runs
+                ),
+                "draws_tdv_ok": sum(r["tdv"] >= args.min_tdv for r in runs),
+                "draws": len(runs),
+                "mean_mse": float(np.mean([r["mse"] for r in runs])),
+                "mse_ratio_of_means": float(np.mean([r["mse"] for r in runs])) / mean_base
+                if mean_base > 0
+                else math.inf,
+                "draws_mse_within_ratio": sum(q <= args.max_mse_ratio for q in ratios),
+                "median_mse_ratio": float(np.median(ratios)),
+            }
+        )
     if args.recommended_weight is not None:
         chosen, rule = args.recommended_weight, "given by --recommended_weight"
     else:
@@ -311,12 +343,29 @@ def check_claim(records: list[dict], args: DimensionalityArguments) -> dict:
 
 def write_report(out: str, args: DimensionalityArguments, records: list[dict], claim: dict, timing: dict) -> None:
     summary = aggregate(records, ["penalty", "weight"], list(METRICS))
-    write_json(os.path.join(out, "results.json"), {
-        "settings": asdict(args), "weights": args.weights(), "summary": summary, "claim": claim, "timing": timing,
-        "runs": records,
-    })
-    fmt = {"weight": ".3g", "mse": ".3g", "rel_mse": ".2g", "mapc": ".3f", "mapc_active": ".3f", "cvr": ".3f",
-           "tdv": ".3f", "ud": ".2f", "pca_ud": ".2f", "active_units": ".2f"}
+    write_json(
+        os.path.join(out, "results.json"),
+        {
+            "settings": asdict(args),
+            "weights": args.weights(),
+            "summary": summary,
+            "claim": claim,
+            "timing": timing,
+            "runs": records,
+        },
+    )
+    fmt = {
+        "weight": ".3g",
+        "mse": ".3g",
+        "rel_mse": ".2g",
+        "mapc": ".3f",
+        "mapc_active": ".3f",
+        "cvr": ".3f",
+        "tdv": ".3f",
+        "ud": ".2f",
+        "pca_ud": ".2f",
+        "active_units": ".2f",
+    }
     rows = [{**r, "penalty": PENALTY_LABELS.get(r["penalty"], r["penalty"])} for r in summary]
     lines = [
         "# Dimensionality discovery (Kågebäck & Mogren 2017, experiment 1)\n",
@@ -326,20 +375,40 @@ def write_report(out: str, args: DimensionalityArguments, records: list[dict], c
         f"{args.learning_rate} ({args.lr_scheduler_type} schedule). Metrics on the held-out set, mean ± std over "
         f"draws; TdV with d = {len(args.latent_variances)}; UD over units ranked by variance, PCA-UD over "
         "principal components; CVR = ‖C‖₁ / tr C (no 1/p²).\n",
-        markdown_table(rows, [("penalty", "regulariser"), ("weight", "λ"), ("mse", "MSE"),
-                              ("rel_mse", "MSE / var(x)"), ("mapc", "MAPC"), ("mapc_active", "MAPC (active)"),
-                              ("cvr", "CVR"), ("tdv", "TdV"), ("ud", "UD_90%"), ("pca_ud", "PCA-UD_90%"),
-                              ("active_units", "active units"), ("n", "draws")], fmt),
+        markdown_table(
+            rows,
+            [
+                ("penalty", "regulariser"),
+                ("weight", "λ"),
+                ("mse", "MSE"),
+                ("rel_mse", "MSE / var(x)"),
+                ("mapc", "MAPC"),
+                ("mapc_active", "MAPC (active)"),
+                ("cvr", "CVR"),
+                ("tdv", "TdV"),
+                ("ud", "UD_90%"),
+                ("pca_ud", "PCA-UD_90%"),
+                ("active_units", "active units"),
+                ("n", "draws"),
+            ],
+            fmt,
+        ),
         f"\nMSE / var(x): MSE over the mean per-feature variance of x. Active units: units holding ≥ "
         f"{ACTIVE_SHARE:.0%} of the code's variance; MAPC (active): MAPC among those only.\n",
         "\n## Claim check (L_Σ)\n",
-        markdown_table(claim["per_weight"], [("weight", "λ"), ("draws_passing", "draws with UD ∈ {3,4} and TdV ≥ "
-                                                                  f"{args.min_tdv}"),
-                                             ("draws_ud_3_or_4", "UD ∈ {3,4}"), ("draws_tdv_ok", f"TdV ≥ {args.min_tdv}"),
-                                             ("mse_ratio_of_means", "MSE / MSE(λ=0)"),
-                                             ("median_mse_ratio", "median per-draw MSE ratio"),
-                                             ("draws_mse_within_ratio", f"draws with ratio ≤ {args.max_mse_ratio:g}")],
-                       {"weight": ".3g", "mse_ratio_of_means": ".3g", "median_mse_ratio": ".3g"}),
+        markdown_table(
+            claim["per_weight"],
+            [
+                ("weight", "λ"),
+                ("draws_passing", f"draws with UD ∈ {{3,4}} and TdV ≥ {args.min_tdv}"),
+                ("draws_ud_3_or_4", "UD ∈ {3,4}"),
+                ("draws_tdv_ok", f"TdV ≥ {args.min_tdv}"),
+                ("mse_ratio_of_means", "MSE / MSE(λ=0)"),
+                ("median_mse_ratio", "median per-draw MSE ratio"),
+                ("draws_mse_within_ratio", f"draws with ratio ≤ {args.max_mse_ratio:g}"),
+            ],
+            {"weight": ".3g", "mse_ratio_of_means": ".3g", "median_mse_ratio": ".3g"},
+        ),
         f"\nRecommended λ = {claim['recommended_weight']} ({claim['rule']}).\n",
         f"- structure (UD_90% ∈ {{3, 4}} and TdV ≥ {args.min_tdv} in ≥ {claim['draws_needed']} of {args.num_draws} "
         f"draws): **{'yes' if claim['structure_reproduced'] else 'no'}**",
@@ -348,15 +417,17 @@ def write_report(out: str, args: DimensionalityArguments, records: list[dict], c
     ]
     comp = claim["l1_comparison"]
     if comp is not None:
+
         def show(v):
             return "n/a" if v is None else f"{v:.3f}"
 
         verdict = "n/a" if comp["l1_worse"] is None else ("L1 worse" if comp["l1_worse"] else "L1 not worse")
-        lines.append(f"- L1 at equal MSE ({comp['mse']:.3g}, interpolated along L1's mean curve): TdV "
-                     f"{show(comp['tdv_l1_at_equal_mse'])} against L_Σ's {show(comp['tdv_cov_l1'])}, CVR "
-                     f"{show(comp['cvr_l1_at_equal_mse'])} against {show(comp['cvr_cov_l1'])}: **{verdict}** "
-                     f"(worse = TdV lower by more than {comp['margin']})"
-                     + (f" ({comp['note']})" if comp["note"] else ""))
+        lines.append(
+            f"- L1 at equal MSE ({comp['mse']:.3g}, interpolated along L1's mean curve): TdV "
+            f"{show(comp['tdv_l1_at_equal_mse'])} against L_Σ's {show(comp['tdv_cov_l1'])}, CVR "
+            f"{show(comp['cvr_l1_at_equal_mse'])} against {show(comp['cvr_cov_l1'])}: **{verdict}** "
+            f"(worse = TdV lower by more than {comp['margin']})" + (f" ({comp['note']})" if comp["note"] else "")
+        )
     lines.append(f"- all parts reproduced: **{'yes' if claim['reproduced'] else 'no'}**\n")
     conv = [r for r in records if r["last_quarter_dtdv"] is not None]
     if conv:
@@ -368,8 +439,9 @@ def write_report(out: str, args: DimensionalityArguments, records: list[dict], c
             "- MSE_end / MSE at ¾ of training: median "
             f"{float(np.median([r['last_quarter_mse_ratio'] for r in conv if r['last_quarter_mse_ratio']])):.3g}\n",
         ]
-    lines.append(f"Time: {timing['wall_s']:.1f} s wall, {timing['cpu_s']:.1f} s CPU (user + sys) on "
-                 f"{timing['cpus']} CPUs.\n")
+    lines.append(
+        f"Time: {timing['wall_s']:.1f} s wall, {timing['cpu_s']:.1f} s CPU (user + sys) on {timing['cpus']} CPUs.\n"
+    )
     write_text(os.path.join(out, "results.md"), "\n".join(lines))
 
 
@@ -383,20 +455,40 @@ def draw_figures(out: str, args: DimensionalityArguments, records: list[dict], c
     ):
         fig, axes = new_figure(1, len(panels), panel_size=(4.6, 3.6))
         for ax, (metric, label, ref) in zip(axes[0], panels):
-            plot_metric_curves(swept, x="mse", y=metric, group="penalty", order="weight", ax=ax, shared=shared,
-                               labels=PENALTY_LABELS, xlabel="held-out MSE", ylabel=label, reference=ref,
-                               annotate=True, title=f"{label} vs MSE")
+            plot_metric_curves(
+                swept,
+                x="mse",
+                y=metric,
+                group="penalty",
+                order="weight",
+                ax=ax,
+                shared=shared,
+                labels=PENALTY_LABELS,
+                xlabel="held-out MSE",
+                ylabel=label,
+                reference=ref,
+                annotate=True,
+                title=f"{label} vs MSE",
+            )
         fig.suptitle(f"Linear AE, x = Ωz (z ∈ R^{k}), mean ± std over {args.num_draws} draws; labels: λ", fontsize=9)
         save_figure(fig, os.path.join(out, name))
     first = [r for r in records if r["draw"] == min(r["draw"] for r in records)]
     fig, axes = new_figure(1, 2, panel_size=(4.6, 3.6))
     for ax, metric, logy in ((axes[0, 0], "mse", True), (axes[0, 1], "tdv", False)):
         histories = {
-            f"{PENALTY_LABELS.get(r['penalty'], r['penalty'])} λ={r['weight']:.2g}": [(h["epoch"], h[metric]) for h in r["history"]]
-            for r in first if r["penalty"] in ("none", "cov_l1")
+            f"{PENALTY_LABELS.get(r['penalty'], r['penalty'])} λ={r['weight']:.2g}": [
+                (h["epoch"], h[metric]) for h in r["history"]
+            ]
+            for r in first
+            if r["penalty"] in ("none", "cov_l1")
         }
-        plot_histories(histories, ax, logy=logy, ylabel=f"held-out {metric.upper() if metric == 'mse' else 'TdV'}",
-                       title=f"L_Σ runs of draw 0: {metric} per epoch")
+        plot_histories(
+            histories,
+            ax,
+            logy=logy,
+            ylabel=f"held-out {metric.upper() if metric == 'mse' else 'TdV'}",
+            title=f"L_Σ runs of draw 0: {metric} per epoch",
+        )
     save_figure(fig, os.path.join(out, "dimensionality_convergence.png"))
 
     # |C| of the code in draw 0: λ = 0, L_Σ at the recommended λ, L1 at the λ of closest MSE
@@ -410,8 +502,12 @@ def draw_figures(out: str, args: DimensionalityArguments, records: list[dict], c
             panels.append(min(l1, key=lambda r: abs(math.log(r["mse"] / ours[0]["mse"]))))
     fig, axes = new_figure(1, len(panels), panel_size=(3.6, 3.2))
     for ax, r in zip(axes[0], panels):
-        plot_covariance(r["covariance"], ax, title=f"{PENALTY_LABELS.get(r['penalty'], r['penalty'])} λ={r['weight']:.2g}\n"
-                        f"MSE {r['mse']:.2g}, TdV {r['tdv']:.2f}, UD {r['ud']:.0f}")
+        plot_covariance(
+            r["covariance"],
+            ax,
+            title=f"{PENALTY_LABELS.get(r['penalty'], r['penalty'])} λ={r['weight']:.2g}\n"
+            f"MSE {r['mse']:.2g}, TdV {r['tdv']:.2f}, UD {r['ud']:.0f}",
+        )
     fig.suptitle("|covariance| of the 10-unit code, draw 0 (held-out set)", fontsize=9)
     save_figure(fig, os.path.join(out, "dimensionality_covariance.png"))
 
@@ -428,9 +524,12 @@ def main(argv: list[str] | None = None) -> dict:
             for penalty, weight in runs:
                 record = run_one(args, draw, penalty, weight, data, scratch)
                 records.append(record)
-                print(f"draw {draw} {penalty:>6} λ={weight:<8g} MSE={record['mse']:.3g} MAPC={record['mapc']:.3f} "
-                      f"CVR={record['cvr']:.3f} TdV={record['tdv']:.3f} UD={record['ud']:.0f} "
-                      f"({record['wall_s']:.1f}s)", flush=True)
+                print(
+                    f"draw {draw} {penalty:>6} λ={weight:<8g} MSE={record['mse']:.3g} MAPC={record['mapc']:.3f} "
+                    f"CVR={record['cvr']:.3f} TdV={record['tdv']:.3f} UD={record['ud']:.0f} "
+                    f"({record['wall_s']:.1f}s)",
+                    flush=True,
+                )
         claim = check_claim(records, args)
         timing = {**clock.elapsed(), "cpus": cpu_count()}
         write_report(out, args, records, claim, timing)

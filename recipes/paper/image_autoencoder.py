@@ -84,11 +84,15 @@ ARCHITECTURES = {
 class ImageAutoencoderArguments:
     """Settings of the convolutional-autoencoder experiment (paper, Section 4.3)."""
 
-    output_dir: str = field(default="results/paper/image_autoencoder", metadata={"help": "Folder for results and figures."})
+    output_dir: str = field(
+        default="results/paper/image_autoencoder", metadata={"help": "Folder for results and figures."}
+    )
     dataset: str = field(
         default="digits",
-        metadata={"help": "'digits' (scikit-learn's bundled 8×8 images, offline) or 'cifar10' (needs the Hub).",
-                  "choices": list(DATASETS)},
+        metadata={
+            "help": "'digits' (scikit-learn's bundled 8×8 images, offline) or 'cifar10' (needs the Hub).",
+            "choices": list(DATASETS),
+        },
     )
     num_seeds: int = field(default=3, metadata={"help": "Seeds per (regulariser, λ) (mean ± std over them)."})
     weights: list[float] = field(
@@ -102,14 +106,20 @@ class ImageAutoencoderArguments:
     )
     code_size: int = field(default=84, metadata={"help": "Units of the code (the paper: 84)."})
     hidden_size: int = field(default=120, metadata={"help": "Units of the dense layer before the code."})
-    max_epochs: int = field(default=400, metadata={"help": "Upper bound on epochs (early stopping usually ends sooner)."})
+    max_epochs: int = field(
+        default=400, metadata={"help": "Upper bound on epochs (early stopping usually ends sooner)."}
+    )
     patience: int = field(default=10, metadata={"help": "Early stopping: epochs without a better validation MSE."})
     batch_size: int = field(default=100, metadata={"help": "Training batch size (the paper: 100)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate (the paper: 1e-3)."})
     seed: int = field(default=0, metadata={"help": "Base seed; seed k trains with seed + k."})
     num_threads: int = field(default=1, metadata={"help": "torch intra-op threads."})
-    limit_train: int | None = field(default=None, metadata={"help": "Use only the first N training images (smoke tests)."})
-    quick: bool = field(default=False, metadata={"help": "Tiny settings for smoke tests (1 seed, 2 λ, 2 epochs, 200 images)."})
+    limit_train: int | None = field(
+        default=None, metadata={"help": "Use only the first N training images (smoke tests)."}
+    )
+    quick: bool = field(
+        default=False, metadata={"help": "Tiny settings for smoke tests (1 seed, 2 λ, 2 epochs, 200 images)."}
+    )
 
     def __post_init__(self) -> None:
         if self.quick:
@@ -178,11 +188,18 @@ def load_splits(args: ImageAutoencoderArguments) -> dict[str, TensorDictDataset]
 
 
 def model_config(args: ImageAutoencoderArguments) -> ConvAutoencoderConfig:
-    return ConvAutoencoderConfig(**ARCHITECTURES[args.dataset], hidden_size=args.hidden_size,
-                                 code_size=args.code_size, activation="relu", code_activation="relu")
+    return ConvAutoencoderConfig(
+        **ARCHITECTURES[args.dataset],
+        hidden_size=args.hidden_size,
+        code_size=args.code_size,
+        activation="relu",
+        code_activation="relu",
+    )
 
 
-def run_one(args: ImageAutoencoderArguments, seed: int, penalty: str, weight: float, splits: dict, scratch: str) -> dict:
+def run_one(
+    args: ImageAutoencoderArguments, seed: int, penalty: str, weight: float, splits: dict, scratch: str
+) -> dict:
     """Train one autoencoder with early stopping; returns its test metrics."""
     set_seed(args.seed + seed)  # the same initial weights for every regulariser of a seed
     model = ConvAutoencoder(model_config(args))
@@ -207,8 +224,13 @@ def run_one(args: ImageAutoencoderArguments, seed: int, penalty: str, weight: fl
         decorr_weight=weight,
     )
     clock = Stopwatch()
-    trainer, _ = train_and_evaluate(model, targs, splits["train"], splits["validation"],
-                                    callbacks=[EarlyStoppingCallback(early_stopping_patience=args.patience)])
+    trainer, _ = train_and_evaluate(
+        model,
+        targs,
+        splits["train"],
+        splits["validation"],
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=args.patience)],
+    )
     test = trainer.evaluate(splits["test"], metric_key_prefix="test")
     history = eval_history(trainer, ["eval_loss", "eval_decorr_cvr", "eval_decorr_ud"])
     cov = layer_covariances(trainer.model, splits["test"], ["code"], batch_size=1000)["code"]
@@ -232,21 +254,46 @@ def write_report(out: str, args: ImageAutoencoderArguments, records: list[dict],
     table = [r for r in summary if r["penalty"] == "none" or r["weight"] == args.table_weight]
     order = {p: i for i, p in enumerate(["cov_l1", *args.penalties, "none"])}
     table.sort(key=lambda r: order.get(r["penalty"], 99))
-    write_json(os.path.join(out, "results.json"), {
-        "settings": asdict(args), "parameters": params, "table": table, "summary": summary, "timing": timing,
-        "runs": records,
-    })
-    fmt = {"weight": "g", "mse": ".4f", "cvr": ".2f", "ud": ".2f", "pca_ud": ".2f", "mapc": ".3f",
-           "live_units": ".1f", "epochs": ".0f"}
+    write_json(
+        os.path.join(out, "results.json"),
+        {
+            "settings": asdict(args),
+            "parameters": params,
+            "table": table,
+            "summary": summary,
+            "timing": timing,
+            "runs": records,
+        },
+    )
+    fmt = {
+        "weight": "g",
+        "mse": ".4f",
+        "cvr": ".2f",
+        "ud": ".2f",
+        "pca_ud": ".2f",
+        "mapc": ".3f",
+        "live_units": ".1f",
+        "epochs": ".0f",
+    }
     label = lambda rows: [{**r, "penalty": PENALTY_LABELS.get(r["penalty"], r["penalty"])} for r in rows]  # noqa: E731
-    columns = [("penalty", "regulariser"), ("weight", "λ"), ("cvr", "CVR"), ("ud", "UD_90%"), ("mse", "MSE"),
-               ("pca_ud", "PCA-UD_90%"), ("mapc", "MAPC"), ("live_units", "live units"), ("epochs", "epochs"),
-               ("n", "seeds")]
+    columns = [
+        ("penalty", "regulariser"),
+        ("weight", "λ"),
+        ("cvr", "CVR"),
+        ("ud", "UD_90%"),
+        ("mse", "MSE"),
+        ("pca_ud", "PCA-UD_90%"),
+        ("mapc", "MAPC"),
+        ("live_units", "live units"),
+        ("epochs", "epochs"),
+        ("n", "seeds"),
+    ]
     md = [
         f"# Convolutional autoencoder on {args.dataset} (Kågebäck & Mogren 2017, experiment 3)\n",
         f"{params:,} parameters; code of {args.code_size} ReLU units; batch {args.batch_size}, Adam lr "
         f"{args.learning_rate}, early stopping on validation MSE (patience {args.patience}, at most {args.max_epochs} "
-        f"epochs, best checkpoint restored). Test-set metrics, mean ± std over {args.num_seeds} seeds. CVR = ‖C‖₁ / tr C "
+        f"epochs, best checkpoint restored). Test-set metrics, mean ± std over {args.num_seeds} seeds. "
+        "CVR = ‖C‖₁ / tr C "
         "(no 1/p²); UD_90% over units ranked by variance; PCA-UD over principal components.\n",
         f"## Table 1 analogue (λ = {args.table_weight:g})\n",
         markdown_table(label(table), columns, fmt),
@@ -261,21 +308,45 @@ def draw_figures(out: str, args: ImageAutoencoderArguments, records: list[dict])
     shared = [r for r in records if r["penalty"] == "none"]
     swept = [r for r in records if r["penalty"] != "none"]
     fig, axes = new_figure(1, 2, panel_size=(4.6, 3.6))
-    for ax, metric, label in ((axes[0, 0], "cvr", "CVR = ‖C‖₁ / tr C"), (axes[0, 1], "ud", "UD_90% (units by variance)")):
-        plot_metric_curves(swept, x="mse", y=metric, group="penalty", order="weight", ax=ax, shared=shared,
-                           labels=PENALTY_LABELS, annotate=True, xlabel="test MSE", ylabel=label,
-                           title=f"{label} vs MSE")
+    for ax, metric, label in (
+        (axes[0, 0], "cvr", "CVR = ‖C‖₁ / tr C"),
+        (axes[0, 1], "ud", "UD_90% (units by variance)"),
+    ):
+        plot_metric_curves(
+            swept,
+            x="mse",
+            y=metric,
+            group="penalty",
+            order="weight",
+            ax=ax,
+            shared=shared,
+            labels=PENALTY_LABELS,
+            annotate=True,
+            xlabel="test MSE",
+            ylabel=label,
+            title=f"{label} vs MSE",
+        )
     fig.suptitle(f"Conv. autoencoder on {args.dataset}, mean ± std over {args.num_seeds} seeds; labels: λ", fontsize=9)
     save_figure(fig, os.path.join(out, "image_ae_tradeoff.png"))
 
-    shown = [r for r in records if r["covariance"] is not None and (r["penalty"] == "none" or r["weight"] == args.table_weight)]
+    shown = [
+        r
+        for r in records
+        if r["covariance"] is not None and (r["penalty"] == "none" or r["weight"] == args.table_weight)
+    ]
     fig, axes = new_figure(1, len(shown) + 1, panel_size=(3.6, 3.2))
     for ax, r in zip(axes[0], shown):
-        plot_covariance(r["covariance"], ax,
-                        title=f"{PENALTY_LABELS.get(r['penalty'], r['penalty'])} (λ={r['weight']:g})\n"
-                              f"CVR {r['cvr']:.2f}, UD {r['ud']:.0f}, MSE {r['mse']:.4f}")
-    plot_spectra({PENALTY_LABELS.get(r["penalty"], r["penalty"]): r["covariance"] for r in shown}, axes[0, -1],
-                 title="sorted unit-variance shares")
+        plot_covariance(
+            r["covariance"],
+            ax,
+            title=f"{PENALTY_LABELS.get(r['penalty'], r['penalty'])} (λ={r['weight']:g})\n"
+            f"CVR {r['cvr']:.2f}, UD {r['ud']:.0f}, MSE {r['mse']:.4f}",
+        )
+    plot_spectra(
+        {PENALTY_LABELS.get(r["penalty"], r["penalty"]): r["covariance"] for r in shown},
+        axes[0, -1],
+        title="sorted unit-variance shares",
+    )
     fig.suptitle(f"|covariance| of the {args.code_size}-unit code on the test set (seed {args.seed})", fontsize=9)
     save_figure(fig, os.path.join(out, "image_ae_code.png"))
 
@@ -293,8 +364,11 @@ def main(argv: list[str] | None = None) -> dict:
             for penalty, weight in runs:
                 r = run_one(args, seed, penalty, weight, splits, scratch)
                 records.append(r)
-                print(f"seed {seed} {penalty:>6} λ={weight:<5g} MSE={r['mse']:.4f} CVR={r['cvr']:.2f} UD={r['ud']:.0f} "
-                      f"epochs={r['epochs']:.0f} ({r['wall_s']:.1f}s)", flush=True)
+                print(
+                    f"seed {seed} {penalty:>6} λ={weight:<5g} MSE={r['mse']:.4f} CVR={r['cvr']:.2f} UD={r['ud']:.0f} "
+                    f"epochs={r['epochs']:.0f} ({r['wall_s']:.1f}s)",
+                    flush=True,
+                )
         timing = {**clock.elapsed(), "cpus": cpu_count()}
         write_report(out, args, records, timing, params)
         draw_figures(out, args, records)

@@ -21,8 +21,8 @@ import gc
 import os
 import resource
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch

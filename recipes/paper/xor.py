@@ -53,8 +53,8 @@ from paper_common import (  # noqa: E402
     training_arguments,
 )
 
-from hf_decorr.plotting import new_figure, plot_covariance, plot_spectra, save_figure  # noqa: E402
 from hf_decorr.models import XorMLP, XorMLPConfig  # noqa: E402
+from hf_decorr.plotting import new_figure, plot_covariance, plot_spectra, save_figure  # noqa: E402
 from hf_decorr.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
 
 LAYERS = ("hidden.0", "hidden.1")
@@ -67,18 +67,22 @@ class XorArguments:
     """Settings of the XOR experiment (paper, Section 4.2)."""
 
     output_dir: str = field(default="results/paper/xor", metadata={"help": "Folder for results and figures."})
-    num_seeds: int = field(default=10, metadata={"help": "Number of seeds (initial weights); each trains with and without L_Σ."})
+    num_seeds: int = field(
+        default=10, metadata={"help": "Number of seeds (initial weights); each trains with and without L_Σ."}
+    )
     decorr_weight: float = field(default=0.2, metadata={"help": "λ of L_Σ on both hidden layers (the paper: 0.2)."})
     hidden_size: int = field(default=4, metadata={"help": "Logistic units per hidden layer (the paper: 4)."})
     max_steps: int = field(default=3000, metadata={"help": "Full-batch Adam steps per run."})
     learning_rate: float = field(default=0.05, metadata={"help": "Adam learning rate (constant)."})
     active_threshold: float = field(
-        default=0.01, metadata={"help": "Absolute rule: a unit is active when its activation variance over the 4 "
-                                "inputs is >= this."}
+        default=0.01,
+        metadata={"help": "Absolute rule: a unit is active when its activation variance over the 4 inputs is >= this."},
     )
     active_share: float = field(
-        default=0.01, metadata={"help": "Relative rule: a unit is active when its variance is >= this share of its "
-                                "layer's total variance."}
+        default=0.01,
+        metadata={
+            "help": "Relative rule: a unit is active when its variance is >= this share of its layer's total variance."
+        },
     )
     sensitivity_thresholds: list[float] = field(
         default_factory=lambda: [0.001, 0.01, 0.05],
@@ -187,14 +191,19 @@ def summarise(records: list[dict], args: XorArguments) -> dict:
     out = {}
     for condition in CONDITIONS:
         runs = [r for r in records if r["condition"] == condition]
-        entry = {"runs": len(runs), "solved": sum(r["solved"] for r in runs),
-                 "collapsed": sum(r["layer1_active_rel"] == 0 for r in runs)}
+        entry = {
+            "runs": len(runs),
+            "solved": sum(r["solved"] for r in runs),
+            "collapsed": sum(r["layer1_active_rel"] == 0 for r in runs),
+        }
         for rule, count in RULES.items():
             patterns = Counter((r[f"layer1_active_{rule}"], r[f"layer2_active_{rule}"]) for r in runs)
             entry[f"runs_2_1_{rule}"] = sum(r[f"pattern_2_1_{rule}"] for r in runs)
             entry[f"patterns_{rule}"] = {f"{a}-{b}": n for (a, b), n in sorted(patterns.items())}
             entry[f"runs_2_1_{rule}_by_level"] = {
-                f"{t:g}": sum(count(r["layer1_variances"], t) == 2 and count(r["layer2_variances"], t) == 1 for r in runs)
+                f"{t:g}": sum(
+                    count(r["layer1_variances"], t) == 2 and count(r["layer2_variances"], t) == 1 for r in runs
+                )
                 for t in levels[rule]
             }
         out[condition] = entry
@@ -203,36 +212,67 @@ def summarise(records: list[dict], args: XorArguments) -> dict:
 
 def write_report(out: str, args: XorArguments, records: list[dict], summary: dict, timing: dict) -> None:
     scalar = [{k: v for k, v in r.items() if not k.endswith(("_variances", "_covariance"))} for r in records]
-    table = aggregate(scalar, ["condition"], ["bce", "accuracy", "layer1_active_abs", "layer2_active_abs",
-                                              "layer1_active_rel", "layer2_active_rel", "layer1_cvr", "layer2_cvr"])
-    write_json(os.path.join(out, "results.json"), {
-        "settings": asdict(args), "summary": summary, "table": table, "timing": timing, "runs": records,
-    })
+    table = aggregate(
+        scalar,
+        ["condition"],
+        [
+            "bce",
+            "accuracy",
+            "layer1_active_abs",
+            "layer2_active_abs",
+            "layer1_active_rel",
+            "layer2_active_rel",
+            "layer1_cvr",
+            "layer2_cvr",
+        ],
+    )
+    write_json(
+        os.path.join(out, "results.json"),
+        {
+            "settings": asdict(args),
+            "summary": summary,
+            "table": table,
+            "timing": timing,
+            "runs": records,
+        },
+    )
     abs_rule = f"variance ≥ {args.active_threshold:g}"
     rel_rule = f"share ≥ {args.active_share:.0%}"
 
     def of(c: str, n: int) -> str:
         return f"{n} / {summary[c]['runs']}"
 
-    rows = [{
-        "condition": CONDITION_LABELS[c],
-        "abs": of(c, summary[c]["runs_2_1_abs"]),
-        "rel": of(c, summary[c]["runs_2_1_rel"]),
-        "solved": of(c, summary[c]["solved"]),
-        "collapsed": of(c, summary[c]["collapsed"]),
-        "pat_abs": ", ".join(f"{k}: {v}" for k, v in summary[c]["patterns_abs"].items()),
-        "pat_rel": ", ".join(f"{k}: {v}" for k, v in summary[c]["patterns_rel"].items()),
-    } for c in CONDITIONS]
+    rows = [
+        {
+            "condition": CONDITION_LABELS[c],
+            "abs": of(c, summary[c]["runs_2_1_abs"]),
+            "rel": of(c, summary[c]["runs_2_1_rel"]),
+            "solved": of(c, summary[c]["solved"]),
+            "collapsed": of(c, summary[c]["collapsed"]),
+            "pat_abs": ", ".join(f"{k}: {v}" for k, v in summary[c]["patterns_abs"].items()),
+            "pat_rel": ", ".join(f"{k}: {v}" for k, v in summary[c]["patterns_rel"].items()),
+        }
+        for c in CONDITIONS
+    ]
     sensitivity = []
     for rule, name, fmt in (("abs", "variance ≥ {}", "{:g}"), ("rel", "share ≥ {}", "{:.0%}")):
         for level in summary[CONDITIONS[0]][f"runs_2_1_{rule}_by_level"]:
-            sensitivity.append({"rule": name.format(fmt.format(float(level))),
-                                **{c: of(c, summary[c][f"runs_2_1_{rule}_by_level"][level]) for c in CONDITIONS}})
+            sensitivity.append(
+                {
+                    "rule": name.format(fmt.format(float(level))),
+                    **{c: of(c, summary[c][f"runs_2_1_{rule}_by_level"][level]) for c in CONDITIONS},
+                }
+            )
     per_run = []
     for r in sorted(records, key=lambda r: (CONDITIONS.index(r["condition"]), r["seed"])):
-        row = {"seed": r["seed"], "condition": CONDITION_LABELS[r["condition"]], "solved": "yes" if r["solved"] else "no",
-               "bce": r["bce"], "a": f"{r['layer1_active_abs']} + {r['layer2_active_abs']}",
-               "r": f"{r['layer1_active_rel']} + {r['layer2_active_rel']}"}
+        row = {
+            "seed": r["seed"],
+            "condition": CONDITION_LABELS[r["condition"]],
+            "solved": "yes" if r["solved"] else "no",
+            "bce": r["bce"],
+            "a": f"{r['layer1_active_abs']} + {r['layer2_active_abs']}",
+            "r": f"{r['layer1_active_rel']} + {r['layer2_active_rel']}",
+        }
         for i in (1, 2):
             row[f"v{i}"] = " ".join(f"{v:.2g}" for v in sorted(r[f"layer{i}_variances"], reverse=True))
         per_run.append(row)
@@ -242,24 +282,54 @@ def write_report(out: str, args: XorArguments, records: list[dict], summary: dic
         f"(lr {args.learning_rate}, {args.max_steps} steps); L_Σ with λ = {args.decorr_weight:g} on both hidden "
         f"layers; {args.num_seeds} seeds, each trained with and without the penalty from the same initial weights. "
         f"Active unit, absolute rule: the variance of its activation over the 4 inputs is ≥ {args.active_threshold:g}; "
-        f"relative rule: it holds ≥ {args.active_share:.0%} of its layer's total variance. Collapsed: every unit of layer 1 constant.\n",
-        markdown_table(rows, [("condition", "condition"), ("abs", f"runs with 2 + 1 active ({abs_rule})"),
-                              ("rel", f"runs with 2 + 1 active ({rel_rule})"), ("solved", "runs that solve XOR"),
-                              ("collapsed", "collapsed runs"), ("pat_abs", f"active units L1 + L2: runs ({abs_rule})"),
-                              ("pat_rel", f"active units L1 + L2: runs ({rel_rule})")]),
+        f"relative rule: it holds ≥ {args.active_share:.0%} of its layer's total variance. "
+        "Collapsed: every unit of layer 1 constant.\n",
+        markdown_table(
+            rows,
+            [
+                ("condition", "condition"),
+                ("abs", f"runs with 2 + 1 active ({abs_rule})"),
+                ("rel", f"runs with 2 + 1 active ({rel_rule})"),
+                ("solved", "runs that solve XOR"),
+                ("collapsed", "collapsed runs"),
+                ("pat_abs", f"active units L1 + L2: runs ({abs_rule})"),
+                ("pat_rel", f"active units L1 + L2: runs ({rel_rule})"),
+            ],
+        ),
         "\n## Sensitivity to the threshold (runs with 2 + 1 active units)\n",
         markdown_table(sensitivity, [("rule", "rule")] + [(c, CONDITION_LABELS[c]) for c in CONDITIONS]),
         "\n## Means over seeds\n",
-        markdown_table([{**r, "condition": CONDITION_LABELS[r["condition"]]} for r in table],
-                       [("condition", "condition"), ("bce", "BCE"), ("accuracy", "accuracy"),
-                        ("layer1_active_abs", f"active L1 ({abs_rule})"), ("layer2_active_abs", f"active L2 ({abs_rule})"),
-                        ("layer1_active_rel", f"active L1 ({rel_rule})"), ("layer2_active_rel", f"active L2 ({rel_rule})"),
-                        ("layer1_cvr", "CVR L1"), ("layer2_cvr", "CVR L2")],
-                       {"bce": ".3g", "accuracy": ".2f"}, default_format=".2f"),
+        markdown_table(
+            [{**r, "condition": CONDITION_LABELS[r["condition"]]} for r in table],
+            [
+                ("condition", "condition"),
+                ("bce", "BCE"),
+                ("accuracy", "accuracy"),
+                ("layer1_active_abs", f"active L1 ({abs_rule})"),
+                ("layer2_active_abs", f"active L2 ({abs_rule})"),
+                ("layer1_active_rel", f"active L1 ({rel_rule})"),
+                ("layer2_active_rel", f"active L2 ({rel_rule})"),
+                ("layer1_cvr", "CVR L1"),
+                ("layer2_cvr", "CVR L2"),
+            ],
+            {"bce": ".3g", "accuracy": ".2f"},
+            default_format=".2f",
+        ),
         "\n## Every run (unit variances, sorted)\n",
-        markdown_table(per_run, [("seed", "seed"), ("condition", "condition"), ("solved", "solved"), ("bce", "BCE"),
-                                 ("a", f"active ({abs_rule})"), ("r", f"active ({rel_rule})"),
-                                 ("v1", "layer 1 variances"), ("v2", "layer 2 variances")], {"bce": ".3g"}),
+        markdown_table(
+            per_run,
+            [
+                ("seed", "seed"),
+                ("condition", "condition"),
+                ("solved", "solved"),
+                ("bce", "BCE"),
+                ("a", f"active ({abs_rule})"),
+                ("r", f"active ({rel_rule})"),
+                ("v1", "layer 1 variances"),
+                ("v2", "layer 2 variances"),
+            ],
+            {"bce": ".3g"},
+        ),
         f"\nTime: {timing['wall_s']:.1f} s wall, {timing['cpu_s']:.1f} s CPU (user + sys) on {timing['cpus']} CPUs.\n",
     ]
     write_text(os.path.join(out, "results.md"), "\n".join(md))
@@ -270,9 +340,13 @@ def draw_figures(out: str, args: XorArguments, records: list[dict]) -> None:
     for row, condition in enumerate(CONDITIONS):
         run = next(r for r in records if r["condition"] == condition and r["seed"] == args.figure_seed)
         for col in range(2):
-            plot_covariance(run[f"layer{col + 1}_covariance"], axes[row, col], annotate=True,
-                            title=f"{CONDITION_LABELS[condition]}: layer {col + 1} "
-                                  f"({run[f'layer{col + 1}_active_rel']} active by share)")
+            plot_covariance(
+                run[f"layer{col + 1}_covariance"],
+                axes[row, col],
+                annotate=True,
+                title=f"{CONDITION_LABELS[condition]}: layer {col + 1} "
+                f"({run[f'layer{col + 1}_active_rel']} active by share)",
+            )
     fig.suptitle(f"XOR, |covariance| of the hidden layers over the 4 inputs (seed {args.figure_seed})", fontsize=9)
     save_figure(fig, os.path.join(out, "xor_covariance.png"))
 
@@ -280,8 +354,12 @@ def draw_figures(out: str, args: XorArguments, records: list[dict]) -> None:
     for row, condition in enumerate(CONDITIONS):
         runs = sorted((r for r in records if r["condition"] == condition), key=lambda r: r["seed"])
         for col in range(2):
-            plot_spectra({f"seed {r['seed']}": r[f"layer{col + 1}_variances"] for r in runs}, axes[row, col],
-                         normalise=False, title=f"{CONDITION_LABELS[condition]}: layer {col + 1} unit variances")
+            plot_spectra(
+                {f"seed {r['seed']}": r[f"layer{col + 1}_variances"] for r in runs},
+                axes[row, col],
+                normalise=False,
+                title=f"{CONDITION_LABELS[condition]}: layer {col + 1} unit variances",
+            )
     fig.suptitle("XOR, sorted unit variances per seed", fontsize=9)
     save_figure(fig, os.path.join(out, "xor_spectra.png"))
 
@@ -297,18 +375,24 @@ def main(argv: list[str] | None = None) -> dict:
             for condition in CONDITIONS:
                 r = run_one(args, seed, condition, data, scratch)
                 records.append(r)
-                print(f"seed {seed} {condition:>6}: BCE={r['bce']:.3g} solved={r['solved']} active (abs) "
-                      f"{r['layer1_active_abs']}+{r['layer2_active_abs']}, (share) {r['layer1_active_rel']}+"
-                      f"{r['layer2_active_rel']} ({r['wall_s']:.1f}s)", flush=True)
+                print(
+                    f"seed {seed} {condition:>6}: BCE={r['bce']:.3g} solved={r['solved']} active (abs) "
+                    f"{r['layer1_active_abs']}+{r['layer2_active_abs']}, (share) {r['layer1_active_rel']}+"
+                    f"{r['layer2_active_rel']} ({r['wall_s']:.1f}s)",
+                    flush=True,
+                )
         summary = summarise(records, args)
         timing = {**clock.elapsed(), "cpus": cpu_count()}
         write_report(out, args, records, summary, timing)
         draw_figures(out, args, records)
     for condition in CONDITIONS:
         s = summary[condition]
-        print(f"{CONDITION_LABELS[condition]}: runs with 2 + 1 active units: {s['runs_2_1_abs']}/{s['runs']} "
-              f"(variance ≥ {args.active_threshold:g}), {s['runs_2_1_rel']}/{s['runs']} (share ≥ {args.active_share:.0%}); "
-              f"{s['solved']}/{s['runs']} solve XOR")
+        print(
+            f"{CONDITION_LABELS[condition]}: runs with 2 + 1 active units: {s['runs_2_1_abs']}/{s['runs']} "
+            f"(variance ≥ {args.active_threshold:g}), {s['runs_2_1_rel']}/{s['runs']} "
+            f"(share ≥ {args.active_share:.0%}); "
+            f"{s['solved']}/{s['runs']} solve XOR"
+        )
     return {"summary": summary, "timing": timing, "records": records}
 
 
