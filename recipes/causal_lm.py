@@ -399,9 +399,10 @@ def main(argv: list[str] | None = None) -> dict:
         training_args.max_length = script.block_size
 
     data = prepare_data(load_data(script, training_args.seed), tokenizer, script)
-    runs = [("decorr", training_args.decorr_weight)]
     if script.compare_baseline:
-        runs = [("baseline", 0.0)] + runs
+        runs = [("baseline", 0.0), ("decorr", training_args.decorr_weight)]
+    else:
+        runs = [("baseline" if training_args.decorr_weight == 0 else "decorr", training_args.decorr_weight)]
     results = {}
     started = time.time()
     for name, weight in runs:
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + table, flush=True)
 
     if push:
-        folder = results["decorr"]["model_dir"]
+        folder = results[runs[-1][0]]["model_dir"]  # the penalised run when comparing
         outcome = push_folder_to_hub(folder, hub_model_id, token=hub_token, private=training_args.hub_private_repo,
                                      revision=training_args.hub_revision)
         summary["push"] = dataclasses.asdict(outcome)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """λ sweep of the default SST-2 / MiniLM job: several λ (0 = the baseline) × several seeds, mean ± std.
 
-    nice -n 10 python recipes/sweep_sst2.py --weights 0 0.3 1 3 --seeds 42 43 44 \
+    nice -n 10 python recipes/sweep_sst2.py --weights 0 1 3 10 --seeds 42 43 44 --threads 1 \
         --output_dir outputs/sst2_sweep
 
 Each run is ``recipes/text_classification.py --config <config> --compare_baseline false
@@ -120,13 +120,15 @@ def markdown(summary: dict[float, dict], chosen: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(HERE, "configs", "sst2_minilm_default.yaml"))
-    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.3, 1.0, 3.0])
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 3.0, 10.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--output_dir", default="outputs/sst2_sweep")
     parser.add_argument("--test_file", default=os.path.join("recipes", "data", "sst2", "test.tsv"))
     parser.add_argument("--max_accuracy_drop", type=float, default=0.01)
     parser.add_argument("--resume", action="store_true", help="skip runs whose results.json exists")
     parser.add_argument("--keep_models", action="store_true", help="keep each run's model folder (≈ 90 MB each)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per run (OMP_NUM_THREADS); 1 avoids thread stalls on a shared machine")
     args, extra = parser.parse_known_args()
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -142,8 +144,11 @@ def main() -> None:
                        "--test_file", args.test_file, "--disable_tqdm", "true", *extra]
             print(f"[sweep] λ={weight:g} seed={seed}  ({time.time() - started:.0f} s so far)", flush=True)
             os.makedirs(run_dir, exist_ok=True)
+            env = dict(os.environ)
+            if args.threads:
+                env["OMP_NUM_THREADS"] = str(args.threads)
             with open(os.path.join(run_dir, "log.txt"), "w") as log:
-                proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+                proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             if proc.returncode != 0:
                 raise SystemExit(f"[sweep] run failed (exit {proc.returncode}); see {run_dir}/log.txt")
             if not args.keep_models:

@@ -337,7 +337,7 @@ def test_causal_lm_trl_sft_matches_plain_trainer(causal_lm, tiny_llama, instruct
              "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--learning_rate", "1e-3",
              "--block_size", "128", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
              "--dataloader_pin_memory", "false", "--use_trl", use_trl, "--seed", "7"]
-            + (["--bf16", "false", "--gradient_checkpointing", "false"] if use_trl == "true" else [])
+            + (["--bf16", "false", "--activation_checkpointing", "false"] if use_trl == "true" else [])
         )
         with open(out / "results.json") as f:
             results[use_trl] = json.load(f)
@@ -411,3 +411,31 @@ def test_hub_config_is_the_default_job_on_hub_sources():
     assert {k: v for k, v in default.items() if k not in sources} == {k: v for k, v in hub.items() if k not in sources}
     assert hub["model_name_or_path"] == default["base_model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert (hub["max_train_samples"], hub["train_sample_seed"]) == (3000, 0)
+
+
+def test_sweep_summary_and_dev_only_choice():
+    sweep = load_recipe("sweep_sst2")
+    layers = ["bert.encoder.layer.4", "bert.encoder.layer.5"]
+
+    def result(seed, acc, mapc, test_acc):
+        ev = {"eval_accuracy": acc, "eval_f1_macro": acc - 0.01, "eval_decorr_mapc": mapc}
+        for i, layer in enumerate(layers):
+            ev.update({f"eval_decorr_mapc/{layer}": mapc + 0.01 * i, f"eval_decorr_cvr/{layer}": 10.0 + i,
+                       f"eval_decorr_ud/{layer}": 200.0 + i})
+        return {"seed": seed, "layers": layers, "eval": ev, "test": {"test_accuracy": test_acc},
+                "train": {"train_runtime": 100.0}, "decorr_loss_log": [0.03, 0.02], "task_loss_log": [0.7, 0.3]}
+
+    results = {
+        0.0: [result(42, 0.83, 0.30, 0.84), result(43, 0.85, 0.32, 0.84)],
+        1.0: [result(42, 0.835, 0.20, 0.80), result(43, 0.835, 0.22, 0.80)],
+        3.0: [result(42, 0.80, 0.10, 0.99), result(43, 0.80, 0.12, 0.99)],  # best MAPC and test, too costly on dev
+    }
+    summary = {w: sweep.summarise(r) for w, r in results.items()}
+    assert summary[0.0]["accuracy"] == pytest.approx((0.84, 0.014142135623730963))  # mean, sample std
+    assert summary[1.0]["layers"][layers[1]]["mapc"] == pytest.approx((0.22, 0.014142135623730963))
+    # λ=3 has the lowest dev MAPC but loses 4 dev points; the rule never looks at the test accuracy
+    assert sweep.choose_weight(summary, max_drop=0.01) == 1.0
+    assert sweep.choose_weight(summary, max_drop=0.05) == 3.0
+    table = sweep.markdown(summary, 1.0)
+    assert "| 1 ← chosen on dev | 2 | 0.8350 ± 0.0000 |" in table
+    assert "| 0 (baseline) | 2 | 0.8400 ± 0.0141 |" in table
