@@ -64,6 +64,21 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_gpt2(tiny_llama, tmp_path_factory):
+    """A 2-block GPT-2 sharing the tiny Llama's character tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def instruction_file(tmp_path_factory):
     """Prompt-completion pairs: a line of Shakespeare and the line that follows it."""
     with open(SHAKESPEARE, encoding="utf-8") as f:
@@ -275,11 +290,13 @@ def test_text_classification_smoke_default_config(text_classification, tmp_path,
         assert json.load(f)["id2label"] == {"0": "negative", "1": "positive"}
 
 
-def test_causal_lm_smoke_tiny_shakespeare(causal_lm, tiny_llama, tmp_path):
+@pytest.mark.parametrize("family, layer", [("llama", "model.layers.1"), ("gpt2", "transformer.h.1")])
+def test_causal_lm_smoke_tiny_shakespeare(causal_lm, request, tmp_path, family, layer):
+    model_path = request.getfixturevalue(f"tiny_{family}")
     out = tmp_path / "out"
     causal_lm.main(
         ["--config", os.path.join(REPO_ROOT, "recipes", "configs", "causal_lm_tiny_shakespeare.yaml"),
-         "--model_name_or_path", tiny_llama, "--train_file", SHAKESPEARE, "--output_dir", str(out),
+         "--model_name_or_path", model_path, "--train_file", SHAKESPEARE, "--output_dir", str(out),
          "--block_size", "64", "--max_steps", "4", "--logging_steps", "2", "--max_eval_samples", "16",
          "--decorr_weight", "50", "--disable_tqdm", "true"]
     )
@@ -288,7 +305,7 @@ def test_causal_lm_smoke_tiny_shakespeare(causal_lm, tiny_llama, tmp_path):
     assert [r["run"] for r in runs] == ["baseline", "decorr"]
     for row in runs:
         assert 1.0 < row["perplexity"] < 200.0  # a character model near uniform over ~70 symbols
-        assert list(row["layers"]) == ["model.layers.1"]
+        assert list(row["layers"]) == [layer]
         assert row["decorr_loss_first"] > 0
     assert runs[0]["eval_loss"] != runs[1]["eval_loss"]  # the penalty changed training
     with open(out / "decorr" / "results.json") as f:
