@@ -75,7 +75,8 @@ class _CentredGram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, m: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
         n = m.sum(dim=-2, keepdim=True)
-        centred = (h - h.sum(dim=-2, keepdim=True) / n.clamp_min(1)) * m
+        centred = h - h.sum(dim=-2, keepdim=True) / n.clamp_min(1)
+        centred.mul_(m)  # padding rows back to exactly zero
         ctx.save_for_backward(centred, divisor)
         return (centred.mT @ centred) / divisor
 

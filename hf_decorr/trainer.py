@@ -170,7 +170,9 @@ class DecorrTrainerMixin:
                 continue
             decoder = self._decorr_decoder_side[name]
             if decoder not in masks:
-                masks[decoder] = mask_from_inputs(inputs, decoder_side=decoder, source=self.args.decorr_mask)
+                side_mask = mask_from_inputs(inputs, decoder_side=decoder, source=self.args.decorr_mask)
+                # one bool tensor per side, so that the layers' sample masks share its storage
+                masks[decoder] = None if side_mask is None else side_mask.to(device=hidden.device, dtype=torch.bool)
             try:
                 x, mask = pool_hidden(hidden, masks[decoder], self.args.decorr_pooling, name)
             except ValueError:
@@ -186,6 +188,21 @@ class DecorrTrainerMixin:
             rows_bound = self.args.per_device_train_batch_size if pooled else None
             out.append(_Samples(name, x, mask, (x.shape[-1], decoder, pooled, x.dtype, x.device), rows_bound))
         return out
+
+    #: On the CPU every operation is synchronous, so nothing is lost by gathering the valid token
+    #: rows first: the covariance then costs the real tokens only, not the padding. On accelerators
+    #: the mask keeps the shapes static and the step never waits on the host.
+    decorr_compact_cpu_tokens: bool = True
+
+    def _decorr_compact_tokens(self, xs: list[torch.Tensor], ms: list[torch.Tensor | None], rows_bound) -> bool:
+        first = ms[0]
+        return (
+            self.decorr_compact_cpu_tokens
+            and rows_bound is None  # token samples (pooled ones are few rows already)
+            and first is not None
+            and first.device.type == "cpu"
+            and all(m is not None and m.shape == first.shape and m.data_ptr() == first.data_ptr() for m in ms)
+        )
 
     def _decorr_penalties(self, samples: list[_Samples]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer penalties ``(L,)`` in layer order and the number of layers with < 2 samples.
@@ -205,6 +222,9 @@ class DecorrTrainerMixin:
         for members in groups.values():
             xs = [samples[i].x for i in members]
             ms = [samples[i].mask for i in members]
+            if self._decorr_compact_tokens(xs, ms, samples[members[0]].rows_bound):
+                index = ms[0].nonzero().squeeze(-1)
+                xs, ms = [x.index_select(0, index) for x in xs], [None] * len(ms)
             h = xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
             if all(m is None for m in ms):
                 mask = None

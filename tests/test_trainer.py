@@ -320,9 +320,11 @@ def test_non_finite_activations_reach_the_loss(tmp_path):
     assert math.isnan(logged(trainer, "decorr_loss")[0])
 
 
-def test_penalty_path_makes_no_host_sync(tmp_path, monkeypatch):
-    args = args_for(tmp_path, decorr_layers=["all"], decorr_pooling="mean")
+@pytest.mark.parametrize("pooling", ["mean", "tokens"])
+def test_penalty_path_makes_no_host_sync(pooling, tmp_path, monkeypatch):
+    args = args_for(tmp_path, decorr_layers=["all"], decorr_pooling=pooling)
     trainer = DecorrTrainer(model=tiny_bert(), args=args)
+    trainer.decorr_compact_cpu_tokens = False  # the accelerator path (the CPU one gathers the valid rows)
     batch = trainer.data_collator([token_dataset(8)[i] for i in range(8)])
     trainer.model.train()
     trainer._decorr_capture.mode = "train"
@@ -339,3 +341,26 @@ def test_penalty_path_makes_no_host_sync(tmp_path, monkeypatch):
     per_layer, few = trainer._decorr_penalties(samples)
     monkeypatch.undo()
     assert per_layer.shape == (2,) and torch.isfinite(per_layer).all() and few.item() == 0
+
+
+def test_cpu_token_compaction_gives_the_masked_result(tmp_path):
+    data = token_dataset(8, seed=2)
+    batch = None
+    results = []
+    for compact in (True, False):
+        args = args_for(tmp_path, decorr_layers=["all"])
+        trainer = DecorrTrainer(model=tiny_bert(seed=6), args=args)
+        trainer.decorr_compact_cpu_tokens = compact
+        batch = trainer.data_collator([data[i] for i in range(8)])
+        trainer.model.train()
+        trainer._decorr_capture.mode = "train"
+        trainer.model(**batch)
+        trainer._decorr_capture.mode = "off"
+        samples = trainer._decorr_samples(dict(trainer._decorr_capture.outputs), batch, strict=True)
+        assert trainer._decorr_compact_tokens([s.x for s in samples], [s.mask for s in samples], None) == compact
+        per_layer, _ = trainer._decorr_penalties(samples)
+        per_layer.sum().backward()
+        results.append((per_layer.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
