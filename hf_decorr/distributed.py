@@ -42,7 +42,14 @@ import torch
 import torch.distributed as dist
 
 from .metrics import CovarianceAccumulator
-from .penalties import PENALTIES, _CentredGram, _prepare, decorrelation_penalty
+from .penalties import (
+    PENALTIES,
+    _CentredGram,
+    _prepare,
+    covariance_correction,
+    decorrelation_penalty,
+    penalty_from_covariance,
+)
 
 __all__ = [
     "world_size",
@@ -58,7 +65,6 @@ __all__ = [
 ]
 
 STRATEGIES = ("stats", "gather")
-_CORRECTION = {"cov_l1": 1, "vicreg": 1, "decov": 0}
 
 
 def world_size() -> int:
@@ -241,13 +247,8 @@ def global_penalty_with_count(
             totals = torch.stack([h.abs().sum(dim=(-2, -1)), m.sum(dim=(-2, -1))])
             totals = _sum_over_ranks(totals, replicated_loss)
             return totals[0] / (totals[1].clamp_min(1) * h.shape[-1]), totals[1].detach()
-        cov, n = _stats_covariance(h, m, _CORRECTION[kind], replicated_loss)
-        p = cov.shape[-1]
-        if kind == "cov_l1":
-            value = cov.abs().sum(dim=(-2, -1)) / (p * p)
-        else:
-            off = cov.square().sum(dim=(-2, -1)) - torch.diagonal(cov, dim1=-2, dim2=-1).square().sum(dim=-1)
-            value = 0.5 * off if kind == "decov" else off / p
+        cov, n = _stats_covariance(h, m, covariance_correction(kind), replicated_loss)
+        value = penalty_from_covariance(cov, kind)
         return value, n.detach()
 
 

@@ -31,6 +31,8 @@ import torch
 __all__ = [
     "PENALTIES",
     "masked_covariance",
+    "penalty_from_covariance",
+    "covariance_correction",
     "cov_l1_penalty",
     "decov_penalty",
     "vicreg_covariance_penalty",
@@ -108,25 +110,49 @@ def masked_covariance(
         return cov, n[..., 0, 0]
 
 
+def _off_diagonal_square_sum(cov: torch.Tensor) -> torch.Tensor:
+    return cov.square().sum(dim=(-2, -1)) - torch.diagonal(cov, dim1=-2, dim2=-1).square().sum(dim=-1)
+
+
+#: the penalties that are functions of the covariance alone: (function of C, its correction)
+_OF_COVARIANCE: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {
+    "cov_l1": (lambda cov: cov.abs().sum(dim=(-2, -1)) / cov.shape[-1] ** 2, 1),
+    "decov": (lambda cov: 0.5 * _off_diagonal_square_sum(cov), 0),
+    "vicreg": (lambda cov: _off_diagonal_square_sum(cov) / cov.shape[-1], 1),
+}
+
+
+def covariance_correction(kind: str) -> int:
+    """The covariance divisor ``n − correction`` that penalty ``kind`` is defined with."""
+    return _OF_COVARIANCE[kind][1]
+
+
+def penalty_from_covariance(cov: torch.Tensor, kind: str) -> torch.Tensor:
+    """A covariance penalty (``cov_l1``, ``decov``, ``vicreg``) of ``cov`` (``(..., p, p)``); shape ``(...)``.
+
+    ``cov`` must have been computed with :func:`covariance_correction` of ``kind``.
+    """
+    return _OF_COVARIANCE[kind][0](cov)
+
+
+def _covariance_penalty(h: torch.Tensor, mask: torch.Tensor | None, kind: str) -> torch.Tensor:
+    cov, _ = masked_covariance(h, mask, correction=covariance_correction(kind))
+    return penalty_from_covariance(cov, kind)
+
+
 def cov_l1_penalty(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``L_Σ = (1/p²) Σ_{i,j} |C_ij|`` with ``C`` unbiased (``1/(n−1)``); shape ``(...)``."""
-    cov, _ = masked_covariance(h, mask, correction=1)
-    p = cov.shape[-1]
-    return cov.abs().sum(dim=(-2, -1)) / (p * p)
+    return _covariance_penalty(h, mask, "cov_l1")
 
 
 def decov_penalty(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """DeCov: ``½ (‖C‖_F² − ‖diag C‖²)`` with ``C`` biased (``1/n``); shape ``(...)``."""
-    cov, _ = masked_covariance(h, mask, correction=0)
-    diag = torch.diagonal(cov, dim1=-2, dim2=-1)
-    return 0.5 * (cov.square().sum(dim=(-2, -1)) - diag.square().sum(dim=-1))
+    return _covariance_penalty(h, mask, "decov")
 
 
 def vicreg_covariance_penalty(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """VICReg covariance term: ``Σ_{i≠j} C_ij² / p`` with ``C`` unbiased; shape ``(...)``."""
-    cov, _ = masked_covariance(h, mask, correction=1)
-    diag = torch.diagonal(cov, dim1=-2, dim2=-1)
-    return (cov.square().sum(dim=(-2, -1)) - diag.square().sum(dim=-1)) / cov.shape[-1]
+    return _covariance_penalty(h, mask, "vicreg")
 
 
 def l1_activation_penalty(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
