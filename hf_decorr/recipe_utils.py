@@ -11,19 +11,25 @@
   complete old output or the complete new one, never half of one.
 * :func:`layer_metrics`, :func:`comparison_markdown`, :func:`log_series` and
   :func:`redacted_command` build the recipes' comparison tables (baseline vs penalty).
+* :func:`take_push_settings`, :func:`load_tokenizer`, :func:`run_baseline_and_penalty`,
+  :func:`write_comparison` and :func:`push_final_model` are the recipes' shared main loop:
+  train without and with the penalty, write the comparison, then push once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import math
 import os
 import shlex
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .cli import RecipeError
@@ -39,6 +45,11 @@ __all__ = [
     "log_series",
     "redacted_command",
     "comparison_markdown",
+    "take_push_settings",
+    "load_tokenizer",
+    "run_baseline_and_penalty",
+    "write_comparison",
+    "push_final_model",
 ]
 
 PYPI_PREFIX = "pypi:"
@@ -262,3 +273,75 @@ def comparison_markdown(rows: Sequence[dict], task_columns: Sequence[tuple[str, 
     if note:
         footer.append(note)
     return "\n".join(lines + footer) + "\n"
+
+
+def take_push_settings(training_args: Any) -> tuple[bool, str | None, str | None]:
+    """Take ``(push_to_hub, hub_model_id, hub_token)`` out of the training arguments.
+
+    The recipes push once, after the local output is complete; the Trainer itself must not
+    contact the Hub, so its own push is switched off and the token removed from the arguments
+    (which are saved beside the model).
+    """
+    push, hub_model_id, hub_token = training_args.push_to_hub, training_args.hub_model_id, training_args.hub_token
+    if push and not hub_model_id:
+        raise RecipeError("--push_to_hub needs --hub_model_id <user or org>/<name>")
+    training_args.push_to_hub = False
+    training_args.hub_token = None
+    return push, hub_model_id, hub_token
+
+
+def load_tokenizer(name_or_path: str, option: str, trust_remote_code: bool = False, revision: str | None = None):
+    """``AutoTokenizer.from_pretrained`` with every failure turned into one :class:`RecipeError`."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(name_or_path, option)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as err:  # noqa: BLE001
+        raise RecipeError(f"cannot load a tokenizer from {source!r}: {_one_line(err)}") from None
+
+
+def run_baseline_and_penalty(
+    output_dir: str, weight: float, compare_baseline: bool, train_one: Callable[[str, str, float], dict]
+) -> tuple[dict[str, dict], float]:
+    """Train ``("baseline", λ=0)`` and ``("decorr", λ)`` (or the one configured run).
+
+    ``train_one(name, run_dir, weight)`` trains and returns the run's result; with
+    ``compare_baseline`` each run gets its own folder under ``output_dir``. Returns the results
+    by name (the penalised run last) and the wall time in seconds.
+    """
+    if compare_baseline:
+        runs = [("baseline", 0.0), ("decorr", weight)]
+    else:
+        runs = [("baseline" if weight == 0 else "decorr", weight)]
+    started = time.time()
+    results = {}
+    for name, run_weight in runs:
+        run_dir = os.path.join(output_dir, name) if compare_baseline else output_dir
+        results[name] = train_one(name, run_dir, run_weight)
+    return results, time.time() - started
+
+
+def write_comparison(output_dir: str, summary: dict, table: str, command: str) -> None:
+    """Write ``comparison.json`` and ``comparison.md`` (complete or absent) into ``output_dir``."""
+    write_json_atomic(os.path.join(output_dir, "comparison.json"), summary)
+    write_text_atomic(os.path.join(output_dir, "comparison.md"),
+                      f"# Baseline vs decorrelation penalty\n\nCommand: `{command}`\n\n{table}")
+
+
+def push_final_model(folder: str, hub_model_id: str, token: str | None, training_args: Any) -> dict:
+    """Push ``folder`` to the Hub; on failure say why and how to retry, then exit with status 3.
+
+    The local output is complete before this is called, so a failed upload loses nothing.
+    Returns the outcome as a dict (for the run's summary).
+    """
+    from .hub import push_folder_to_hub
+
+    outcome = push_folder_to_hub(folder, hub_model_id, token=token, private=training_args.hub_private_repo,
+                                 revision=training_args.hub_revision)
+    if not outcome.ok:
+        print(f"push to the Hub failed ({outcome.error}); the local output in {folder} is complete; retry with "
+              f"`hf upload {hub_model_id} {folder}`", file=sys.stderr, flush=True)
+        raise SystemExit(3)
+    print(f"pushed {folder} to {outcome.url} ({len(outcome.files)} files)", flush=True)
+    return dataclasses.asdict(outcome)

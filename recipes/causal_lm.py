@@ -29,7 +29,6 @@ import dataclasses
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
 try:
@@ -40,9 +39,14 @@ except ImportError:  # a clone that was not pip-installed: use the package next 
 from hf_decorr import DecorrTrainer, DecorrTrainingArguments, resolve_layers
 from hf_decorr.cli import DecorrArgumentParser, RecipeError, read_config_file, run_recipe, split_config_flag
 from hf_decorr.data import load_text_datasets, require_columns
-from hf_decorr.hub import decorr_model_card, push_folder_to_hub, write_model_card
+from hf_decorr.hub import decorr_model_card, write_model_card
 from hf_decorr.pooling import IGNORE_INDEX
 from hf_decorr.recipe_utils import (
+    load_tokenizer,
+    push_final_model,
+    run_baseline_and_penalty,
+    take_push_settings,
+    write_comparison,
     atomic_directory,
     comparison_markdown,
     layer_metrics,
@@ -51,7 +55,6 @@ from hf_decorr.recipe_utils import (
     redacted_command,
     resolve_model_path,
     write_json_atomic,
-    write_text_atomic,
 )
 
 
@@ -369,13 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     script, model_args, training_args, trust_remote_code = parse(argv)
     command = redacted_command("recipes/causal_lm.py", argv)
-    from transformers import AutoTokenizer
 
-    push, hub_model_id, hub_token = training_args.push_to_hub, training_args.hub_model_id, training_args.hub_token
-    if push and not hub_model_id:
-        raise RecipeError("--push_to_hub needs --hub_model_id <user or org>/<name>")
-    training_args.push_to_hub = False
-    training_args.hub_token = None
+    push, hub_model_id, hub_token = take_push_settings(training_args)
     if script.block_size < 2:
         raise RecipeError(f"block_size={script.block_size} must be at least 2")
     if script.prompt_column and training_args.decorr_mask != "labels":
@@ -384,13 +382,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     load_pretrained_config(model_args.model_name_or_path, trust_remote_code=trust_remote_code,
                            revision=model_args.model_revision)
-    source = resolve_model_path(model_args.tokenizer_name or model_args.model_name_or_path,
-                                "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                  revision=model_args.model_revision)
-    except Exception as err:  # noqa: BLE001
-        raise RecipeError(f"cannot load a tokenizer from {source!r}: {' '.join(str(err).split())[:300]}") from None
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    tokenizer = load_tokenizer(source, "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path",
+                               trust_remote_code=trust_remote_code, revision=model_args.model_revision)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise RecipeError(f"the tokenizer of {source!r} has neither a pad nor an eos token to pad with")
@@ -399,36 +393,20 @@ def main(argv: list[str] | None = None) -> dict:
         training_args.max_length = script.block_size
 
     data = prepare_data(load_data(script, training_args.seed), tokenizer, script)
-    if script.compare_baseline:
-        runs = [("baseline", 0.0), ("decorr", training_args.decorr_weight)]
-    else:
-        runs = [("baseline" if training_args.decorr_weight == 0 else "decorr", training_args.decorr_weight)]
-    results = {}
-    started = time.time()
-    for name, weight in runs:
-        run_dir = os.path.join(training_args.output_dir, name) if script.compare_baseline else training_args.output_dir
-        results[name] = train_one(name, run_dir, weight, script, model_args, training_args, trust_remote_code, data,
-                                  tokenizer, command)
+    results, wall_time = run_baseline_and_penalty(
+        training_args.output_dir, training_args.decorr_weight, script.compare_baseline,
+        lambda name, run_dir, weight: train_one(name, run_dir, weight, script, model_args, training_args,
+                                                trust_remote_code, data, tokenizer, command),
+    )
     rows = [run_summary(name, result) for name, result in results.items()]
-    summary = {"command": command, "runs": rows, "wall_time_s": time.time() - started}
+    summary = {"command": command, "runs": rows, "wall_time_s": wall_time}
     table = comparison_markdown(rows, TASK_COLUMNS, "Loss and perplexity on the validation split.")
     if script.compare_baseline:
-        write_json_atomic(os.path.join(training_args.output_dir, "comparison.json"), summary)
-        write_text_atomic(os.path.join(training_args.output_dir, "comparison.md"),
-                          f"# Baseline vs decorrelation penalty\n\nCommand: `{command}`\n\n{table}")
+        write_comparison(training_args.output_dir, summary, table, command)
     print("\n" + table, flush=True)
-
     if push:
-        folder = results[runs[-1][0]]["model_dir"]  # the penalised run when comparing
-        outcome = push_folder_to_hub(folder, hub_model_id, token=hub_token, private=training_args.hub_private_repo,
-                                     revision=training_args.hub_revision)
-        summary["push"] = dataclasses.asdict(outcome)
-        if outcome.ok:
-            print(f"pushed {folder} to {outcome.url} ({len(outcome.files)} files)", flush=True)
-        else:
-            print(f"push to the Hub failed ({outcome.error}); the local output in {folder} is complete; retry with "
-                  f"`hf upload {hub_model_id} {folder}`", file=sys.stderr, flush=True)
-            raise SystemExit(3)
+        folder = list(results.values())[-1]["model_dir"]  # the penalised run when comparing
+        summary["push"] = push_final_model(folder, hub_model_id, hub_token, training_args)
     return summary
 
 

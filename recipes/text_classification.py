@@ -40,9 +40,7 @@ import dataclasses
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass, field
-from typing import Any
 
 try:
     import hf_decorr  # noqa: F401
@@ -55,8 +53,13 @@ from hf_decorr import DecorrTrainer, DecorrTrainingArguments, resolve_layers
 from hf_decorr.cli import DecorrArgumentParser, RecipeError, run_recipe
 from hf_decorr.data import load_text_datasets, require_columns
 from hf_decorr.evaluate_metrics import load as load_metric
-from hf_decorr.hub import decorr_model_card, push_folder_to_hub, write_model_card
+from hf_decorr.hub import decorr_model_card, write_model_card
 from hf_decorr.recipe_utils import (
+    load_tokenizer,
+    push_final_model,
+    run_baseline_and_penalty,
+    take_push_settings,
+    write_comparison,
     atomic_directory,
     comparison_markdown,
     layer_metrics,
@@ -65,7 +68,6 @@ from hf_decorr.recipe_utils import (
     redacted_command,
     resolve_model_path,
     write_json_atomic,
-    write_text_atomic,
 )
 
 
@@ -395,26 +397,16 @@ def main(argv: list[str] | None = None) -> dict:
     script, model_args, training_args = parser.parse_args_and_config(argv)
     command = redacted_command("recipes/text_classification.py", argv)
 
-    from transformers import AutoTokenizer
 
     # the push happens here, after the local output is complete; the Trainer must not contact the Hub itself
-    push, hub_model_id, hub_token = training_args.push_to_hub, training_args.hub_model_id, training_args.hub_token
-    if push and not hub_model_id:
-        raise RecipeError("--push_to_hub needs --hub_model_id <user or org>/<name>")
-    training_args.push_to_hub = False
-    training_args.hub_token = None
+    push, hub_model_id, hub_token = take_push_settings(training_args)
 
     # fail on a bad model before reading any data
     load_pretrained_config(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code,
                            revision=model_args.model_revision)
-    tokenizer_source = resolve_model_path(model_args.tokenizer_name or model_args.model_name_or_path,
-                                          "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=model_args.trust_remote_code,
-                                                  revision=model_args.model_revision)
-    except Exception as err:  # noqa: BLE001
-        raise RecipeError(f"cannot load a tokenizer from {tokenizer_source!r}: {' '.join(str(err).split())[:300]}") \
-            from None
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path,
+                               "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path",
+                               trust_remote_code=model_args.trust_remote_code, revision=model_args.model_revision)
 
     datasets = _load_data(script)
     values, names = _label_mapping(datasets, script)
@@ -426,41 +418,22 @@ def main(argv: list[str] | None = None) -> dict:
     }
     compute_metrics = make_compute_metrics()
 
-    if script.compare_baseline:
-        runs = [("baseline", 0.0), ("decorr", training_args.decorr_weight)]
-    else:
-        runs = [("baseline" if training_args.decorr_weight == 0 else "decorr", training_args.decorr_weight)]
-    results = {}
-    started = time.time()
-    for name, weight in runs:
-        run_dir = os.path.join(training_args.output_dir, name) if script.compare_baseline else training_args.output_dir
-        results[name] = train_one(name, run_dir, weight, script, model_args, training_args, tokenized, tokenizer,
-                                  config_kwargs, command, compute_metrics)
+    results, wall_time = run_baseline_and_penalty(
+        training_args.output_dir, training_args.decorr_weight, script.compare_baseline,
+        lambda name, run_dir, weight: train_one(name, run_dir, weight, script, model_args, training_args, tokenized,
+                                                tokenizer, config_kwargs, command, compute_metrics),
+    )
     rows = [run_summary(name, result) for name, result in results.items()]
-    summary = {"command": command, "runs": rows, "wall_time_s": time.time() - started}
+    summary = {"command": command, "runs": rows, "wall_time_s": wall_time}
+    table = comparison_markdown(rows, TASK_COLUMNS, TABLE_NOTE)
+    print("\n" + table, flush=True)
     if script.compare_baseline:
-        write_json_atomic(os.path.join(training_args.output_dir, "comparison.json"), summary)
-        table = comparison_markdown(rows, TASK_COLUMNS, TABLE_NOTE)
-        write_text_atomic(os.path.join(training_args.output_dir, "comparison.md"),
-                          f"# Baseline vs decorrelation penalty\n\nCommand: `{command}`\n\n{table}")
-        print("\n" + table, flush=True)
+        write_comparison(training_args.output_dir, summary, table, command)
         print(f"written: {os.path.join(training_args.output_dir, 'comparison.md')} and comparison.json; "
-              f"wall time {summary['wall_time_s']:.0f} s", flush=True)
-    else:
-        print("\n" + comparison_markdown(rows, TASK_COLUMNS, TABLE_NOTE), flush=True)
-
+              f"wall time {wall_time:.0f} s", flush=True)
     if push:
-        folder = results[runs[-1][0]]["model_dir"]  # the penalised run when comparing
-        outcome = push_folder_to_hub(folder, hub_model_id, token=hub_token,
-                                     private=training_args.hub_private_repo,
-                                     revision=training_args.hub_revision)
-        summary["push"] = dataclasses.asdict(outcome)
-        if outcome.ok:
-            print(f"pushed {folder} to {outcome.url} ({len(outcome.files)} files)", flush=True)
-        else:
-            print(f"push to the Hub failed ({outcome.error}); the local output in {folder} is complete; retry with "
-                  f"`hf upload {hub_model_id} {folder}`", file=sys.stderr, flush=True)
-            raise SystemExit(3)
+        folder = list(results.values())[-1]["model_dir"]  # the penalised run when comparing
+        summary["push"] = push_final_model(folder, hub_model_id, hub_token, training_args)
     return summary
 
 
