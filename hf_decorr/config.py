@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
+from .atomic import write_text_atomic
 from .penalties import PENALTIES
 from .pooling import MASK_SOURCES, POOLINGS
 
@@ -161,18 +161,8 @@ class DecorrConfig:
 
     def save_decorr_config(self, directory: str | os.PathLike) -> str:
         """Write ``decorr_config.json`` into ``directory`` atomically; returns its path."""
-        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, DECORR_CONFIG_NAME)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".decorr_config.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.decorr_dict(), f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(path, json.dumps(self.decorr_dict(), indent=2, sort_keys=True) + "\n")
         return path
 
 

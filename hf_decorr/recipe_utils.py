@@ -25,13 +25,13 @@ import json
 import math
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from .atomic import staged_directory
+from .atomic import write_text_atomic as _write_text_atomic
 from .cli import RecipeError
 
 __all__ = [
@@ -128,19 +128,8 @@ def json_safe(value: Any) -> Any:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     """Write ``text`` to ``path`` through a temporary file and a rename; returns ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    _write_text_atomic(path, text)
+    return os.fspath(path)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> str:
@@ -152,28 +141,11 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> str:
 def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     """Yield a fresh temporary folder next to ``path``; on success it replaces ``path``.
 
-    On an exception the temporary folder is removed and ``path`` is left as it was.
+    On an exception the temporary folder is removed and ``path`` is left as it was
+    (:func:`hf_decorr.atomic.staged_directory`, as a string path).
     """
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".old")
-        os.rmdir(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with staged_directory(path) as tmp:
+        yield str(tmp)
 
 
 # ------------------------------------------------------------------------------ comparison tables

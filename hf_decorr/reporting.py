@@ -19,15 +19,14 @@ helpers group, aggregate and print lists of them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .atomic import staged_directory, write_text_atomic
 
 __all__ = [
     "mean_std",
@@ -165,56 +164,11 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _atomic_write(path: str | os.PathLike, data: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; the result is an ordinary output file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented, strict JSON (see :func:`to_jsonable`) atomically; returns the path."""
-    return _atomic_write(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    return write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) atomically; returns the path."""
-    return _atomic_write(path, text)
-
-
-@contextlib.contextmanager
-def staged_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to ``path``; on success it becomes ``path``.
-
-    The folder is renamed into place only if the ``with`` block finishes without an error, so
-    ``path`` holds either a complete set of outputs or whatever it held before. An existing
-    ``path`` is replaced when ``overwrite`` is true; otherwise ``FileExistsError`` is raised
-    before anything runs. On an error the temporary folder is removed.
-    """
-    final = Path(path)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"output folder {str(final)!r} exists (pass overwrite=True to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-"))
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is an ordinary output folder
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
-        os.replace(final, old / "previous")
-    os.replace(staging, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return write_text_atomic(path, text)
