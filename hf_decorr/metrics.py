@@ -26,15 +26,21 @@ variances and ``p`` the layer width:
 * ``live_units``: the number of units that are not dead, and ``samples``: ``n``.
 
 Non-finite activations give NaN for every metric. A constant layer (``tr C = 0``) has ``cvr = tdv = 1``, ``ud = pca_ud = 0`` and ``mapc = 0``.
+
+Over repeated runs, :func:`mean_std` (``mean = Σx/n``, sample std ``√(Σ(x − mean)²/(n − 1))``,
+NaN when a value is not finite: a diverged run is reported, never averaged away) and
+:func:`aggregate` (one row of ``<metric>_mean`` / ``<metric>_std`` / ``n`` per group of records).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["CovarianceAccumulator", "decorrelation_metrics", "METRIC_NAMES"]
+__all__ = ["CovarianceAccumulator", "decorrelation_metrics", "METRIC_NAMES", "mean_std", "aggregate"]
 
 METRIC_NAMES = ("mapc", "cvr", "tdv", "ud", "pca_ud", "cov_l1", "live_units", "samples")
 DEAD_UNIT_RTOL = 1e-10
@@ -161,3 +167,55 @@ def decorrelation_metrics(
     if samples is not None:
         out["samples"] = float(samples)
     return out
+
+
+# ------------------------------------------------------------------------- over repeated runs
+
+
+def _as_float(value: Any) -> float:
+    if hasattr(value, "item"):
+        value = value.item()
+    return float(value)
+
+
+def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
+    """``(mean, sample std (ddof=1), n)`` of ``values``; NaN, NaN if any value is not finite.
+
+    ``n = 0`` gives ``(nan, nan, 0)``; ``n = 1`` gives a standard deviation of 0.
+    """
+    xs = [_as_float(v) for v in values]
+    n = len(xs)
+    if n == 0 or not all(math.isfinite(x) for x in xs):
+        return math.nan, math.nan, n
+    mean = math.fsum(xs) / n
+    if n == 1:
+        return mean, 0.0, 1
+    var = math.fsum((x - mean) ** 2 for x in xs) / (n - 1)
+    return mean, math.sqrt(var), n
+
+
+def aggregate(records: Sequence[Mapping[str, Any]], by: Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Group ``records`` by the values of the keys ``by`` (in order of first appearance).
+
+    Each output row holds the ``by`` keys, ``<metric>_mean`` and ``<metric>_std`` for every
+    name in ``metrics`` (see :func:`mean_std`) and ``n``, the number of records in the group.
+    A record that lacks a metric raises ``KeyError`` naming it.
+    """
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for record in records:
+        missing = [key for key in by if key not in record]
+        if missing:
+            raise KeyError(f"record {dict(record)!r} lacks the grouping key(s) {missing}")
+        groups.setdefault(tuple(record[key] for key in by), []).append(record)
+    rows = []
+    for key, members in groups.items():
+        row: dict[str, Any] = dict(zip(by, key))
+        for metric in metrics:
+            try:
+                values = [member[metric] for member in members]
+            except KeyError:
+                raise KeyError(f"a record of group {dict(zip(by, key))} lacks the metric {metric!r}") from None
+            row[f"{metric}_mean"], row[f"{metric}_std"], _ = mean_std(values)
+        row["n"] = len(members)
+        rows.append(row)
+    return rows

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .atomic import atomic_write
-from .metrics import DEAD_UNIT_RTOL
-from .reporting import aggregate
+from .metrics import DEAD_UNIT_RTOL, aggregate
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes

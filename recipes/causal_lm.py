@@ -37,25 +37,15 @@ except ImportError:  # a clone that was not pip-installed: use the package next 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_decorr import DecorrTrainer, DecorrTrainingArguments, resolve_layers
-from hf_decorr.cli import DecorrArgumentParser, RecipeError, read_config_file, run_recipe, split_config_flag
-from hf_decorr.data import load_text_datasets, require_columns
-from hf_decorr.hub import decorr_model_card, write_model_card
+from hf_decorr.app.data import load_text_datasets, require_columns
+from hf_decorr.app.hub import push_final_model
+from hf_decorr.app.models import load_pretrained_config, load_tokenizer, resolve_model_path
+from hf_decorr.app.outputs import atomic_directory, write_json_atomic
+from hf_decorr.app.parser import DecorrArgumentParser, RecipeError, read_config_file, run_recipe, split_config_flag
+from hf_decorr.app.reporting import comparison_markdown, layer_metrics, log_series, redacted_command
+from hf_decorr.app.runner import run_baseline_and_penalty, take_push_settings, write_comparison
+from hf_decorr.model_card import decorr_model_card, write_model_card
 from hf_decorr.pooling import IGNORE_INDEX
-from hf_decorr.recipe_utils import (
-    load_tokenizer,
-    push_final_model,
-    run_baseline_and_penalty,
-    take_push_settings,
-    write_comparison,
-    atomic_directory,
-    comparison_markdown,
-    layer_metrics,
-    load_pretrained_config,
-    log_series,
-    redacted_command,
-    resolve_model_path,
-    write_json_atomic,
-)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from huggingface_hub import ModelCard
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
-from hf_decorr.hub import UPLOAD_IGNORE_PATTERNS, decorr_model_card, push_folder_to_hub, write_model_card
+from hf_decorr.app.hub import UPLOAD_IGNORE_PATTERNS, push_folder_to_hub
+from hf_decorr.model_card import decorr_model_card, write_model_card
 
 SENTENCES = ["a charming and often affecting journey .", "unflinchingly bleak and desperate", "it 's a mess ."]
 

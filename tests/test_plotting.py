@@ -1,4 +1,4 @@
-"""hf_decorr.plotting and hf_decorr.reporting: figures, spectra, tables, atomic writes."""
+"""hf_decorr.plotting and hf_decorr.app.reporting: figures, spectra, tables, atomic writes."""
 
 import json
 import math
@@ -21,7 +21,7 @@ from hf_decorr.plotting import (
     save_figure,
     spectrum,
 )
-from hf_decorr.reporting import (
+from hf_decorr.app.reporting import (
     aggregate,
     format_mean_std,
     markdown_table,

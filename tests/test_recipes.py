@@ -12,9 +12,10 @@ import torch
 from conftest import REPO_ROOT, SHARED_DATA
 
 from hf_decorr import DecorrTrainingArguments
-from hf_decorr.cli import DecorrArgumentParser, RecipeError, run_recipe
+from hf_decorr.app.models import resolve_model_path
+from hf_decorr.app.outputs import atomic_directory
+from hf_decorr.app.parser import DecorrArgumentParser, RecipeError, run_recipe
 from hf_decorr.pooling import IGNORE_INDEX, mask_from_inputs
-from hf_decorr.recipe_utils import atomic_directory, resolve_model_path
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "recipes", "configs", "sst2_minilm_default.yaml")
 SHAKESPEARE = os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")

@@ -64,7 +64,7 @@ from hf_decorr.plotting import (  # noqa: E402
     plot_metric_curves,
     save_figure,
 )
-from hf_decorr.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
+from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
 
 METRICS = ("mse", "rel_mse", "mapc", "mapc_active", "cvr", "tdv", "ud", "pca_ud", "active_units")
 ACTIVE_SHARE = 0.01  # a unit is "active" when it holds at least 1% of the layer's total variance

@@ -66,7 +66,7 @@ from hf_decorr.plotting import (  # noqa: E402
     plot_spectra,
     save_figure,
 )
-from hf_decorr.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
+from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
 
 DATASETS = ("digits", "cifar10")
 METRICS = ("mse", "cvr", "ud", "pca_ud", "mapc", "live_units", "epochs")

@@ -55,7 +55,7 @@ from paper_common import (  # noqa: E402
 
 from hf_decorr.models import XorMLP, XorMLPConfig  # noqa: E402
 from hf_decorr.plotting import new_figure, plot_covariance, plot_spectra, save_figure  # noqa: E402
-from hf_decorr.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
+from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
 
 LAYERS = ("hidden.0", "hidden.1")
 CONDITIONS = ("none", "cov_l1")

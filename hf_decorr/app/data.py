@@ -9,7 +9,7 @@ Two sources, never mixed:
   breaks kept, column ``text``).
 
 Every failure (a missing file, an unknown extension, a data set that cannot be reached, a
-column that does not exist) raises :class:`~hf_decorr.cli.RecipeError` naming the option.
+column that does not exist) raises :class:`~hf_decorr.app.parser.RecipeError` naming the option.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from .cli import RecipeError
+from .parser import RecipeError, one_line
 
 __all__ = ["LOCAL_FORMATS", "load_text_datasets", "require_columns"]
 
@@ -30,11 +30,6 @@ LOCAL_FORMATS: dict[str, tuple[str, dict]] = {
     ".parquet": ("parquet", {}),
     ".txt": ("text", {"keep_linebreaks": True}),  # a corpus keeps its line structure
 }
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _load_local_split(option: str, path: str, split: str):
@@ -52,7 +47,7 @@ def _load_local_split(option: str, path: str, split: str):
     try:
         return load_dataset(builder, data_files={split: path}, split=split, **kwargs)
     except Exception as err:  # noqa: BLE001 - a file datasets cannot parse is bad input
-        raise RecipeError(f"{option}={path!r}: cannot be read as {extension} data: {_one_line(err)}") from None
+        raise RecipeError(f"{option}={path!r}: cannot be read as {extension} data: {one_line(err)}") from None
 
 
 def load_text_datasets(
@@ -81,7 +76,7 @@ def load_text_datasets(
                 "1", "true", "yes",
             )
             hint = " (the Hub is switched off: HF_HUB_OFFLINE=1)" if offline else ""
-            raise RecipeError(f"dataset_name={dataset_name!r}{config} could not be loaded{hint}: {_one_line(err)}") \
+            raise RecipeError(f"dataset_name={dataset_name!r}{config} could not be loaded{hint}: {one_line(err)}") \
                 from None
         if not isinstance(loaded, DatasetDict):
             loaded = DatasetDict({"train": loaded})

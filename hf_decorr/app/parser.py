@@ -28,13 +28,26 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 from transformers import HfArgumentParser
 
-__all__ = ["DecorrArgumentParser", "RecipeError", "run_recipe", "split_config_flag", "read_config_file"]
+__all__ = [
+    "DecorrArgumentParser",
+    "RecipeError",
+    "run_recipe",
+    "split_config_flag",
+    "read_config_file",
+    "one_line",
+]
 
 T = TypeVar("T")
 
 
 class RecipeError(Exception):
     """Bad recipe input, reported to the user as one line (no traceback)."""
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """The message of ``err`` on one line (whitespace collapsed), cut to ``limit`` characters."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def split_config_flag(argv: Sequence[str]) -> tuple[str | None, list[str]]:

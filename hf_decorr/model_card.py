@@ -1,38 +1,24 @@
-"""Model cards and Hub uploads for models trained with the covariance penalty.
+"""Model cards for models trained with the covariance penalty.
 
 :func:`decorr_model_card` builds a ``huggingface_hub.ModelCard`` that carries the ``hf-decorr``
 tag, the penalty's formula, its settings (λ, layers, penalty, pooling, mask) and the final task and
-decorrelation metrics. :func:`push_folder_to_hub` uploads a finished output folder (weights,
-tokenizer, ``decorr_config.json``, ``README.md``) with ``HfApi.create_repo`` + ``HfApi.upload_folder``;
-a failure (no network, no permission) is returned as a :class:`PushResult` with ``ok=False`` and
-the reason, and the local folder is left untouched. The folder loads with plain ``transformers``:
-nothing in it needs hf_decorr.
+decorrelation metrics; :func:`write_model_card` writes it as ``README.md`` (atomically). Uploading
+a finished folder is the application's job (:func:`hf_decorr.app.hub.push_folder_to_hub`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData
 
+from .atomic import write_text_atomic
 from .config import DECORR_CONFIG_NAME
-from .recipe_utils import write_text_atomic
 from .trainer import MODEL_TAG
 
-__all__ = [
-    "UPLOAD_IGNORE_PATTERNS",
-    "PushResult",
-    "decorr_model_card",
-    "write_model_card",
-    "push_folder_to_hub",
-    "looks_like_hub_id",
-]
-
-# what never goes to the Hub from an output folder: intermediate checkpoints, logs, temporaries
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.tmp", ".*", "**/.*"]
+__all__ = ["FORMULA", "decorr_model_card", "write_model_card", "looks_like_hub_id"]
 
 FORMULA = (
     "$$\\mathcal{L} = \\mathcal{L}_{\\text{task}} + \\lambda \\sum_{\\ell \\in \\text{layers}} L_\\Sigma(H_\\ell), \\qquad "
@@ -224,66 +210,4 @@ def decorr_model_card(
 
 def write_model_card(folder: str | os.PathLike, card: ModelCard) -> str:
     """Write ``card`` as ``folder/README.md`` atomically; returns the path."""
-    return write_text_atomic(os.path.join(os.fspath(folder), "README.md"), str(card))
-
-
-@dataclass
-class PushResult:
-    """What :func:`push_folder_to_hub` did: ``ok``, the repository ``url``, or the ``error``."""
-
-    ok: bool
-    repo_id: str
-    folder: str
-    url: str | None = None
-    error: str | None = None
-    files: list[str] = field(default_factory=list)
-
-
-def _files_to_upload(folder: str) -> list[str]:
-    from huggingface_hub.utils import filter_repo_objects
-
-    paths = sorted(
-        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-        for root, _, names in os.walk(folder)
-        for name in names
-    )
-    return list(filter_repo_objects(paths, ignore_patterns=UPLOAD_IGNORE_PATTERNS))
-
-
-def push_folder_to_hub(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    revision: str | None = None,
-    commit_message: str = "Upload model trained with hf_decorr",
-) -> PushResult:
-    """Create ``repo_id`` if needed and upload the finished output ``folder`` to it.
-
-    The folder must hold a saved model (``config.json``), ``decorr_config.json`` and a
-    ``README.md`` card. Network and permission failures are caught and returned (``ok=False``,
-    ``error`` says what happened); the token is never printed or stored.
-    """
-    folder = os.path.abspath(os.fspath(folder))
-    missing = [name for name in ("config.json", DECORR_CONFIG_NAME, "README.md")
-               if not os.path.isfile(os.path.join(folder, name))]
-    if missing:
-        raise ValueError(f"{folder} is not a finished hf_decorr output folder: it lacks {', '.join(missing)}")
-    files = _files_to_upload(folder)
-    api = HfApi(token=token)
-    try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
-            revision=revision,
-            commit_message=commit_message,
-            ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
-        )
-    except Exception as err:  # noqa: BLE001 - the network boundary: every failure is reported, none is fatal
-        reason = " ".join(str(err).split()) or type(err).__name__
-        return PushResult(False, repo_id, folder, error=f"{type(err).__name__}: {reason}", files=files)
-    url = str(getattr(repo_url, "url", repo_url) or f"https://huggingface.co/{repo_id}")
-    return PushResult(True, repo_id, folder, url=url, files=files)
+    return os.fspath(write_text_atomic(os.path.join(os.fspath(folder), "README.md"), str(card)))
