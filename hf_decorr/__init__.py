@@ -14,9 +14,9 @@ from .config import (
     DecorrTrainingArguments,
 )
 from .metrics import CovarianceAccumulator, decorrelation_metrics
-from .penalties import PENALTIES, decorrelation_penalty, masked_covariance
+from .penalties import PENALTIES, Penalty, decorrelation_penalty, get_penalty, masked_covariance, register_penalty
 from .pooling import mask_from_inputs, pool_hidden
-from .trainer import MODEL_TAG, DecorrSeq2SeqTrainer, DecorrTrainer, DecorrTrainerMixin
+from .trainer import MODEL_TAG, DecorrSamples, DecorrSeq2SeqTrainer, DecorrTrainer, DecorrTrainerMixin
 
 __all__ = [
     "__version__",
@@ -29,6 +29,10 @@ __all__ = [
     "DECORR_CONFIG_NAME",
     "MODEL_TAG",
     "PENALTIES",
+    "Penalty",
+    "register_penalty",
+    "get_penalty",
+    "DecorrSamples",
     "decorrelation_penalty",
     "masked_covariance",
     "CovarianceAccumulator",

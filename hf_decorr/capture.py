@@ -20,9 +20,10 @@ and holding at least half as many parameters as the largest one. That finds
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -197,6 +198,11 @@ class HiddenStateCapture:
     checkpointing and no-grad reference passes are ignored) and ``"eval"`` (record the last
     call's output, detached). The recorded tensors are in :attr:`outputs`; :meth:`clear`
     empties it.
+
+    Lifecycle: the hooks exist only between :meth:`attach` and :meth:`detach`; the trainer
+    uses :meth:`recording`, which attaches them for one forward pass and always removes them,
+    so the model holds no hook between steps (it stays picklable and deep-copyable, and
+    several trainers on one model never stack hooks).
     """
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
@@ -218,6 +224,33 @@ class HiddenStateCapture:
             handle.remove()
         self._handles.clear()
         self.outputs.clear()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are currently registered on the modules."""
+        return bool(self._handles)
+
+    @contextlib.contextmanager
+    def recording(self, mode: str) -> Iterator[HiddenStateCapture]:
+        """Attach the hooks in ``mode`` (``"train"`` or ``"eval"``) for the body of the ``with``.
+
+        The outputs recorded so far are cleared on entry and kept after exit (until
+        :meth:`clear`); the hooks are removed on exit, also when the body raises.
+        """
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if self._handles:
+            raise RuntimeError("HiddenStateCapture.recording() is not re-entrant: the hooks are already attached")
+        self.clear()
+        self.attach()
+        self.mode = mode
+        try:
+            yield self
+        finally:
+            self.mode = "off"
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
 
     def clear(self) -> None:
         self.outputs.clear()

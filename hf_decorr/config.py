@@ -21,7 +21,7 @@ from typing import Any
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .atomic import write_text_atomic
-from .penalties import PENALTIES
+from .penalties import PENALTIES, PenaltyNames
 from .pooling import MASK_SOURCES, POOLINGS
 
 __all__ = [
@@ -60,8 +60,9 @@ class DecorrConfig:
     decorr_penalty: str = field(
         default="cov_l1",
         metadata={
-            "help": "Penalty: 'cov_l1' (the paper's L_Σ), 'decov', 'vicreg' (covariance term) or 'l1' (L1 activation).",
-            "choices": list(PENALTIES),
+            "help": "Penalty: a name registered with hf_decorr.register_penalty. Built in: 'cov_l1' (the paper's L_Σ), "
+            "'decov', 'vicreg' (covariance term) or 'l1' (L1 activation).",
+            "choices": PenaltyNames(),
         },
     )
     decorr_pooling: str = field(
@@ -100,7 +101,7 @@ class DecorrConfig:
         default=10, metadata={"help": "d of the TdV metric: the variance share of the d units of largest variance."}
     )
     decorr_variance_share: float = field(
-        default=0.9, metadata={"help": "Variance share of the UD metric (0.9 gives the paper's UD_90%)."}
+        default=0.9, metadata={"help": "Variance share of the UD metric (0.9 gives the paper's UD_90%%)."}
     )
     decorr_log_per_layer: bool = field(
         default=True, metadata={"help": "Also log the penalty and eval metrics of each layer, not only their mean."}
@@ -128,7 +129,7 @@ class DecorrConfig:
         if any(not spec for spec in self.decorr_layers):
             raise ValueError(f"decorr_layers holds an empty spec: {self.decorr_layers!r}")
         for name, value, choices in (
-            ("decorr_penalty", self.decorr_penalty, list(PENALTIES)),
+            ("decorr_penalty", self.decorr_penalty, list(PENALTIES)),  # read now: registered penalties count
             ("decorr_pooling", self.decorr_pooling, list(POOLINGS)),
             ("decorr_mask", self.decorr_mask, list(MASK_SOURCES)),
             ("decorr_sync", self.decorr_sync, list(SYNC_MODES)),

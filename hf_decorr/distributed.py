@@ -42,14 +42,7 @@ import torch
 import torch.distributed as dist
 
 from .metrics import CovarianceAccumulator
-from .penalties import (
-    PENALTIES,
-    _CentredGram,
-    _prepare,
-    covariance_correction,
-    decorrelation_penalty,
-    penalty_from_covariance,
-)
+from .penalties import Penalty, _CentredGram, _prepare, decorrelation_penalty, get_penalty
 
 __all__ = [
     "world_size",
@@ -190,7 +183,7 @@ def _stats_covariance(
 def global_penalty_with_count(
     h: torch.Tensor,
     mask: torch.Tensor | None,
-    kind: str,
+    kind: str | Penalty,
     strategy: str = "stats",
     rows_bound: int | None = None,
     *,
@@ -201,7 +194,10 @@ def global_penalty_with_count(
     Args:
         h: local samples ``(..., N, p)`` (a leading stack of layers is allowed).
         mask: 0/1 validity ``(..., N)`` or ``(N,)``; ``None``: every row is valid.
-        kind: one of :data:`~hf_decorr.penalties.PENALTIES`.
+        kind: a registered penalty name (:data:`~hf_decorr.penalties.PENALTIES`) or a
+            :class:`~hf_decorr.penalties.Penalty`. A penalty of the covariance runs on the global
+            covariance under either strategy; one of the samples needs ``"gather"`` (``l1`` also
+            runs under ``"stats"``, from global sums).
         strategy: ``"stats"`` or ``"gather"`` (identical on every process; see :func:`choose_strategy`).
         rows_bound: for ``"gather"``, an upper bound of ``N`` that is the same on every process.
         replicated_loss: every process back-propagates the same function of the result (see
@@ -212,8 +208,7 @@ def global_penalty_with_count(
         on every process, and the global count ``n`` of valid samples, shape ``(...)``. With one
         process this is :func:`~hf_decorr.penalties.decorrelation_penalty` and the local count.
     """
-    if kind not in PENALTIES:
-        raise ValueError(f"decorr_penalty={kind!r} is not a known penalty; choose one of {sorted(PENALTIES)}")
+    penalty = get_penalty(kind)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     world = world_size()
@@ -222,7 +217,7 @@ def global_penalty_with_count(
             count = torch.full(h.shape[:-2], h.shape[-2], dtype=torch.float32, device=h.device)
         else:
             count = mask.to(device=h.device, dtype=torch.bool).expand(h.shape[:-1]).sum(dim=-1).float()
-        return decorrelation_penalty(h, mask, kind), count
+        return decorrelation_penalty(h, mask, penalty), count
     if strategy == "gather":
         if rows_bound is None or h.shape[-2] > rows_bound:
             raise ValueError(
@@ -240,16 +235,22 @@ def global_penalty_with_count(
         gathered = _gather_over_ranks(rows, replicated_loss)  # (W, ..., rows_bound, p + 1)
         gathered = gathered.movedim(0, -3).flatten(-3, -2)  # (..., W · rows_bound, p + 1)
         m_all = gathered[..., -1] > 0.5
-        return decorrelation_penalty(gathered[..., :-1], m_all, kind), m_all.sum(dim=-1)
+        return decorrelation_penalty(gathered[..., :-1], m_all, penalty), m_all.sum(dim=-1)
     with torch.autocast(device_type=h.device.type, enabled=False):
         h, m = _prepare(h, mask)
-        if kind == "l1":
+        if penalty.name == "l1" and not penalty.of_covariance:
             totals = torch.stack([h.abs().sum(dim=(-2, -1)), m.sum(dim=(-2, -1))])
             totals = _sum_over_ranks(totals, replicated_loss)
             return totals[0] / (totals[1].clamp_min(1) * h.shape[-1]), totals[1].detach()
-        cov, n = _stats_covariance(h, m, covariance_correction(kind), replicated_loss)
-        value = penalty_from_covariance(cov, kind)
-        return value, n.detach()
+        if not penalty.of_covariance:
+            raise ValueError(
+                f"decorr_penalty={penalty.name!r} is a function of the samples, not of their covariance, so it cannot "
+                "be computed from the per-process statistics of decorr_sync='global' with token samples; use "
+                "decorr_sync='local', pooled samples (decorr_pooling='mean'/'first'/'last', gathered rows), or a "
+                "penalty registered with of_covariance=True"
+            )
+        cov, n = _stats_covariance(h, m, penalty.correction, replicated_loss)
+        return penalty.fn(cov), n.detach()
 
 
 def global_penalty(

@@ -23,13 +23,17 @@ propagate into the penalty rather than being hidden.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
     "PENALTIES",
+    "Penalty",
+    "PenaltyNames",
+    "register_penalty",
+    "get_penalty",
     "masked_covariance",
     "penalty_from_covariance",
     "covariance_correction",
@@ -114,25 +118,35 @@ def _off_diagonal_square_sum(cov: torch.Tensor) -> torch.Tensor:
     return cov.square().sum(dim=(-2, -1)) - torch.diagonal(cov, dim1=-2, dim2=-1).square().sum(dim=-1)
 
 
-#: the penalties that are functions of the covariance alone: (function of C, its correction)
-_OF_COVARIANCE: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {
-    "cov_l1": (lambda cov: cov.abs().sum(dim=(-2, -1)) / cov.shape[-1] ** 2, 1),
-    "decov": (lambda cov: 0.5 * _off_diagonal_square_sum(cov), 0),
-    "vicreg": (lambda cov: _off_diagonal_square_sum(cov) / cov.shape[-1], 1),
-}
+def _cov_l1_of_covariance(cov: torch.Tensor) -> torch.Tensor:
+    return cov.abs().sum(dim=(-2, -1)) / cov.shape[-1] ** 2
 
 
-def covariance_correction(kind: str) -> int:
+def _decov_of_covariance(cov: torch.Tensor) -> torch.Tensor:
+    return 0.5 * _off_diagonal_square_sum(cov)
+
+
+def _vicreg_of_covariance(cov: torch.Tensor) -> torch.Tensor:
+    return _off_diagonal_square_sum(cov) / cov.shape[-1]
+
+
+def covariance_correction(kind: str | Penalty) -> int:
     """The covariance divisor ``n − correction`` that penalty ``kind`` is defined with."""
-    return _OF_COVARIANCE[kind][1]
+    penalty = get_penalty(kind)
+    if not penalty.of_covariance:
+        raise ValueError(f"penalty {penalty.name!r} is not a function of the covariance")
+    return penalty.correction
 
 
-def penalty_from_covariance(cov: torch.Tensor, kind: str) -> torch.Tensor:
-    """A covariance penalty (``cov_l1``, ``decov``, ``vicreg``) of ``cov`` (``(..., p, p)``); shape ``(...)``.
+def penalty_from_covariance(cov: torch.Tensor, kind: str | Penalty) -> torch.Tensor:
+    """A covariance penalty of ``cov`` (``(..., p, p)``); shape ``(...)``.
 
     ``cov`` must have been computed with :func:`covariance_correction` of ``kind``.
     """
-    return _OF_COVARIANCE[kind][0](cov)
+    penalty = get_penalty(kind)
+    if not penalty.of_covariance:
+        raise ValueError(f"penalty {penalty.name!r} is not a function of the covariance")
+    return penalty.fn(cov)
 
 
 def _covariance_penalty(h: torch.Tensor, mask: torch.Tensor | None, kind: str) -> torch.Tensor:
@@ -165,24 +179,128 @@ def l1_activation_penalty(h: torch.Tensor, mask: torch.Tensor | None = None) -> 
 
 @dataclass(frozen=True)
 class Penalty:
-    """A registered penalty: its function and a one-line description for docs and errors."""
+    """A registered penalty.
 
-    fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-    description: str
+    Attributes:
+        name: the value of ``decorr_penalty`` that selects it.
+        fn: with ``of_covariance=True`` a function of the covariance ``C`` (``(..., p, p)`` →
+            ``(...)``), computed with divisor ``n − correction``; otherwise a function of the
+            samples and their mask, ``fn(h (..., N, p), mask (..., N) | None) → (...)``.
+        of_covariance: whether ``fn`` takes ``C``. Such penalties run on the covariance of the
+            samples of all processes under ``decorr_sync="global"`` (exactly, from p × p statistics).
+        correction: ``1`` for ``C`` with ``1/(n − 1)``, ``0`` for ``1/n``.
+        description: one line with the formula, shown in ``--help``, errors and model cards.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    of_covariance: bool
+    correction: int = 1
+    description: str = ""
+
+    def __call__(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The penalty of samples ``h`` (``(..., N, p)``) with validity ``mask``; shape ``(...)``."""
+        if self.of_covariance:
+            cov, _ = masked_covariance(h, mask, correction=self.correction)
+            return self.fn(cov)
+        return self.fn(h, mask)
 
 
-PENALTIES: dict[str, Penalty] = {
-    "cov_l1": Penalty(cov_l1_penalty, "Kågebäck & Mogren L_Σ: (1/p²) Σ|C_ij|, 1/(N−1), diagonal included"),
-    "decov": Penalty(decov_penalty, "DeCov: ½(‖C‖_F² − ‖diag C‖²), 1/N"),
-    "vicreg": Penalty(vicreg_covariance_penalty, "VICReg covariance term: Σ_{i≠j} C_ij² / p, 1/(N−1)"),
-    "l1": Penalty(l1_activation_penalty, "L1 activation penalty: mean |h| (the paper's baseline)"),
-}
+class _Registry(dict):
+    """``name → Penalty``; entries are added only through :func:`register_penalty`."""
+
+    def __setitem__(self, key, value):  # noqa: D105
+        raise TypeError("add penalties with hf_decorr.register_penalty(name, fn, of_covariance=..., ...)")
 
 
-def decorrelation_penalty(h: torch.Tensor, mask: torch.Tensor | None = None, kind: str = "cov_l1") -> torch.Tensor:
-    """Dispatch to the penalty named ``kind`` (one of :data:`PENALTIES`); shape ``(...)``."""
+#: Every registered penalty by name. Config validation, the command-line choices, model cards
+#: and the distributed path read it when they run, so a penalty registered before the
+#: arguments are built is accepted everywhere.
+PENALTIES: dict[str, Penalty] = _Registry()
+
+
+def register_penalty(
+    name: str,
+    fn: Callable[..., torch.Tensor],
+    *,
+    of_covariance: bool,
+    correction: int = 1,
+    description: str = "",
+) -> Penalty:
+    """Register a penalty under ``name`` (then usable as ``decorr_penalty=name``); returns it.
+
+    Args:
+        name: a new name; registering a name twice raises ``ValueError``.
+        fn: see :class:`Penalty`: ``fn(C) → (...)`` when ``of_covariance``, else ``fn(h, mask) → (...)``.
+        of_covariance: whether ``fn`` is a function of the covariance alone.
+        correction: the covariance divisor ``n − correction`` (``1`` unbiased, ``0`` biased).
+        description: one line with the formula.
+
+    Example::
+
+        register_penalty("barlow_offdiag", lambda c: (c.square().sum((-2, -1)) - c.diagonal(0, -2, -1)
+                         .square().sum(-1)) / c.shape[-1], of_covariance=True, description="Σ_{i≠j} C_ij² / p")
+    """
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise ValueError(f"a penalty name must be a non-empty string without surrounding spaces, got {name!r}")
+    if name in PENALTIES:
+        raise ValueError(f"a penalty named {name!r} is already registered; choose another name")
+    if not callable(fn):
+        raise TypeError(f"penalty {name!r}: fn must be callable, got {type(fn).__name__}")
+    if correction not in (0, 1):
+        raise ValueError(f"penalty {name!r}: correction must be 0 (1/n) or 1 (1/(n−1)), got {correction!r}")
+    penalty = Penalty(name, fn, bool(of_covariance), int(correction), description)
+    dict.__setitem__(PENALTIES, name, penalty)
+    return penalty
+
+
+def get_penalty(kind: str | Penalty) -> Penalty:
+    """The registered penalty named ``kind`` (a :class:`Penalty` is returned as is)."""
+    if isinstance(kind, Penalty):
+        return kind
     try:
-        penalty = PENALTIES[kind]
-    except KeyError:
-        raise ValueError(f"decorr_penalty={kind!r} is not a known penalty; choose one of {sorted(PENALTIES)}") from None
-    return penalty.fn(h, mask)
+        return PENALTIES[kind]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"decorr_penalty={kind!r} is not a registered penalty; choose one of {sorted(PENALTIES)} "
+            "(or add one with hf_decorr.register_penalty)"
+        ) from None
+
+
+class PenaltyNames(Sequence):
+    """A live, read-only view of the registered names (used as ``choices`` of ``decorr_penalty``)."""
+
+    def __getitem__(self, index):
+        return list(PENALTIES)[index]
+
+    def __len__(self) -> int:
+        return len(PENALTIES)
+
+    def __contains__(self, name: object) -> bool:
+        return name in PENALTIES
+
+    def __repr__(self) -> str:
+        return repr(list(PENALTIES))
+
+
+register_penalty("cov_l1", _cov_l1_of_covariance, of_covariance=True, correction=1,
+                 description="Kågebäck & Mogren L_Σ = (1/p²) Σ_ij |C_ij|, C with 1/(N−1), diagonal included")
+register_penalty("decov", _decov_of_covariance, of_covariance=True, correction=0,
+                 description="DeCov (Cogswell et al. 2016): ½(‖C‖_F² − ‖diag C‖²), C with 1/N")
+register_penalty("vicreg", _vicreg_of_covariance, of_covariance=True, correction=1,
+                 description="VICReg covariance term (Bardes et al. 2022): Σ_{i≠j} C_ij² / p, C with 1/(N−1)")
+
+
+def _l1_of_samples(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    return l1_activation_penalty(h, mask)
+
+
+register_penalty("l1", _l1_of_samples, of_covariance=False,
+                 description="L1 activation penalty (the paper's baseline): mean |h| over valid samples and units")
+
+
+def decorrelation_penalty(
+    h: torch.Tensor, mask: torch.Tensor | None = None, kind: str | Penalty = "cov_l1"
+) -> torch.Tensor:
+    """The penalty ``kind`` (a name in :data:`PENALTIES` or a :class:`Penalty`) of samples ``h``; shape ``(...)``."""
+    return get_penalty(kind)(h, mask)

@@ -17,12 +17,27 @@ float64 sufficient statistics of the whole evaluation set. Training logs carry `
 ``decorr_loss`` (``Σ_layers P``, before λ), ``decorr_weight`` (``λ_t``) and per-layer values,
 averaged over the logging window and over processes; they are accumulated as device tensors
 and read once per logging step, so the training step itself never waits on the host.
+
+Public override points (subclass and override; each is documented and tested):
+
+* :meth:`DecorrTrainerMixin.decorr_samples` — the samples ``(N, p)`` and validity ``(N,)`` of one
+  layer's output (e.g. only some tokens).
+* :meth:`DecorrTrainerMixin.decorr_penalty` — the penalty as a function of the covariance
+  ``C (..., p, p) → (...)``; or pass ``decorr_penalty_fn=`` to the constructor, or register a
+  named penalty with :func:`hf_decorr.register_penalty` and set ``decorr_penalty``.
+* :meth:`DecorrTrainerMixin.decorr_layer_weight` — the weight of one layer at one optimizer step
+  (a per-layer λ or a custom schedule).
+
+The grouping of layers, the CPU token compaction, the multi-process covariance and the logging
+stay in the default implementation and apply to overridden pieces too.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,23 +55,38 @@ from .distributed import (
     world_size,
 )
 from .metrics import CovarianceAccumulator, decorrelation_metrics
-from .penalties import decorrelation_penalty
+from .penalties import Penalty, decorrelation_penalty, get_penalty
 from .pooling import mask_from_inputs, pool_hidden
 
-__all__ = ["DecorrTrainerMixin", "DecorrTrainer", "DecorrSeq2SeqTrainer", "MODEL_TAG"]
+__all__ = ["DecorrTrainerMixin", "DecorrTrainer", "DecorrSeq2SeqTrainer", "DecorrSamples", "MODEL_TAG"]
 
 MODEL_TAG = "hf-decorr"
 
 
 @dataclass
-class _Samples:
-    """One penalised layer's samples for this step: ``x (N, p)``, validity ``mask (N,)``."""
+class DecorrSamples:
+    """One penalised layer's samples in one step.
 
-    name: str
+    Attributes:
+        layer: the module name (relative to the unwrapped model).
+        x: samples, shape ``(N, p)``.
+        mask: validity of the rows, bool ``(N,)``; ``None`` when every row is valid.
+        pooled: ``True`` when the rows are one per sequence (bounded by the batch size), ``False``
+            for token samples (their count depends on the padding).
+        decoder: whether the layer is on the decoder side of an encoder-decoder model.
+    """
+
+    layer: str
     x: torch.Tensor
     mask: torch.Tensor | None
-    group: tuple  # rank-independent key: layers with equal keys are stacked into one kernel
-    rows_bound: int | None
+    pooled: bool = False
+    decoder: bool = False
+    rows_bound: int | None = field(default=None, repr=False)
+
+    @property
+    def group(self) -> tuple:
+        """Rank-independent key: layers with equal keys are stacked into one batched kernel."""
+        return (self.x.shape[-1], self.decoder, self.pooled, self.x.dtype, self.x.device)
 
 
 class _LogWindow:
@@ -85,11 +115,21 @@ class DecorrTrainerMixin:
     ``args`` must be a :class:`~hf_decorr.config.DecorrConfig` (for example
     :class:`~hf_decorr.config.DecorrTrainingArguments`). Layer specs are resolved when the
     trainer is built, so a bad ``decorr_layers`` fails before training starts.
+
+    Args:
+        decorr_penalty_fn: optional penalty used instead of ``args.decorr_penalty``, the way
+            ``Trainer`` takes ``compute_loss_func``: a :class:`~hf_decorr.penalties.Penalty`, or a
+            callable of the covariance ``C (..., p, p) → (...)`` (``C`` with ``1/(N−1)``).
+
+    Override points (public; the defaults keep the grouping, chunking, multi-process sync and
+    logging around them): :meth:`decorr_samples`, :meth:`decorr_penalty`,
+    :meth:`decorr_layer_weight`.
     """
 
     args: DecorrConfig
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, decorr_penalty_fn: Penalty | Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, DecorrConfig):
             raise TypeError(
@@ -101,6 +141,7 @@ class DecorrTrainerMixin:
                 "hf_decorr does not support torch.nn.DataParallel (several GPUs in one process): its replicas run the "
                 "hooks on copies of the layers. Launch one process per GPU with `accelerate launch` or `torchrun`."
             )
+        self.decorr_penalty_spec = self._decorr_resolve_penalty(decorr_penalty_fn)
         self._decorr_capture: HiddenStateCapture | None = None
         self._decorr_hooked: nn.Module | None = None
         self._decorr_layer_names: list[str] = []
@@ -113,6 +154,77 @@ class DecorrTrainerMixin:
             if hasattr(base, "add_model_tags"):
                 base.add_model_tags([MODEL_TAG])
 
+    def _decorr_resolve_penalty(self, fn) -> Penalty:
+        overridden = type(self).decorr_penalty is not DecorrTrainerMixin.decorr_penalty
+        if fn is None:
+            penalty = get_penalty(self.args.decorr_penalty)
+        elif isinstance(fn, Penalty):
+            penalty = fn
+        elif callable(fn):
+            name = getattr(fn, "__name__", type(fn).__name__)
+            penalty = Penalty(f"custom:{name}", fn, of_covariance=True, correction=1,
+                              description=f"custom penalty of the covariance ({name})")
+        else:
+            raise TypeError(
+                f"decorr_penalty_fn must be a hf_decorr.Penalty or a callable of the covariance, got {type(fn).__name__}"
+            )
+        if overridden and not penalty.of_covariance:
+            raise ValueError(
+                f"{type(self).__name__} overrides decorr_penalty (a function of the covariance), but the configured "
+                f"penalty {penalty.name!r} is a function of the samples; set decorr_penalty to a covariance penalty "
+                "such as 'cov_l1' (its divisor is used for C)"
+            )
+        return penalty
+
+    # ---- override points -----------------------------------------------------------------------
+
+    def decorr_samples(
+        self, layer: str, output: torch.Tensor, inputs: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The samples of one penalised layer for this step. Can be overridden.
+
+        Args:
+            layer: the module's name, relative to the unwrapped model (see :attr:`decorr_layer_names`).
+            output: the module's output tensor, ``(B, p)`` or ``(B, T, p)``; it carries the graph.
+            inputs: the batch given to the model (``input_ids``, ``attention_mask``, ``labels``, ...).
+
+        Returns:
+            ``(x, mask)``: samples ``x`` of shape ``(N, p)`` and their validity ``mask`` (bool or
+            0/1, shape ``(N,)``; ``None`` when every row is valid). Rows whose mask is false are
+            left out of every sum. The default takes the mask named by ``decorr_mask`` (the
+            attention mask, or ``labels != -100``; on the decoder side of an encoder-decoder model
+            ``decoder_attention_mask``) and pools per ``decorr_pooling``.
+
+        Keep the shapes independent of the data (use the mask rather than boolean indexing) to
+        avoid host syncs on accelerators.
+        """
+        decoder = self._decorr_decoder_side.get(layer, False)
+        mask = mask_from_inputs(inputs, decoder_side=decoder, source=self.args.decorr_mask)
+        return pool_hidden(output, mask, self.args.decorr_pooling, layer)
+
+    def decorr_penalty(self, covariance: torch.Tensor) -> torch.Tensor:
+        """The penalty of a covariance: ``C (..., p, p) → (...)``, one value per leading index. Can be overridden.
+
+        ``C`` is the sample covariance of a layer's samples with divisor ``N − 1`` (``N − 0`` for
+        penalties registered with ``correction=0``); with ``decorr_sync="global"`` and several
+        processes it is the covariance of the samples of all processes, and the gradient flows back
+        to each process's samples exactly. Layers of one width arrive stacked (``(L, p, p)``).
+        The default applies ``decorr_penalty_fn`` or the registered penalty named ``decorr_penalty``
+        (for ``cov_l1``: ``(1/p²) Σ_ij |C_ij|``). Penalties of the samples (``l1``) do not go through
+        this method.
+        """
+        return self.decorr_penalty_spec.fn(covariance)
+
+    def decorr_layer_weight(self, layer: str, step: int) -> float:
+        """The weight ``w`` of one layer's penalty at optimizer step ``step`` (0-based). Can be overridden.
+
+        The loss is ``task_loss + Σ_layers w_layer · P_layer``. The default is ``λ_t`` of the
+        config, ``decorr_weight · min(1, (step + 1) / decorr_warmup_steps)`` for every layer.
+        Return a finite float ``≥ 0``; when every layer's weight is 0 the step trains exactly like a
+        plain ``Trainer`` and the penalty is only logged.
+        """
+        return self.args.decorr_weight_at(step)
+
     # ---- layers and hooks ------------------------------------------------------------------
 
     def _decorr_unwrap(self, model: nn.Module) -> nn.Module:
@@ -120,12 +232,10 @@ class DecorrTrainerMixin:
         return unwrap_peft_model(self.accelerator.unwrap_model(model, keep_torch_compile=False))
 
     def _decorr_prepare(self, model: nn.Module) -> nn.Module:
-        """Resolve ``decorr_layers`` on ``model`` and hook the modules (once per model object)."""
+        """Resolve ``decorr_layers`` on ``model`` (once per model object); the hooks are attached per pass."""
         base = self._decorr_unwrap(model)
         if self._decorr_hooked is base:
             return base
-        if self._decorr_capture is not None:
-            self._decorr_capture.detach()
         names = resolve_layers(base, self.args.decorr_layers)
         modules = dict(base.named_modules())
         encoder_decoder = bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
@@ -134,7 +244,6 @@ class DecorrTrainerMixin:
             name: encoder_decoder and any(part.startswith("decoder") for part in name.split(".")) for name in names
         }
         self._decorr_capture = HiddenStateCapture({name: modules[name] for name in names})
-        self._decorr_capture.attach()
         self._decorr_hooked = base
         return base
 
@@ -143,14 +252,18 @@ class DecorrTrainerMixin:
         """Names of the penalised modules, relative to the unwrapped model."""
         return list(self._decorr_layer_names)
 
+    def remove_decorr_hooks(self) -> None:
+        """Remove any hook of this trainer from the model (they exist only during a forward pass anyway)."""
+        if self._decorr_capture is not None:
+            self._decorr_capture.detach()
+
     def _decorr_warn_once(self, key: str, message: str) -> None:
         if key not in self._decorr_warned:
             self._decorr_warned.add(key)
             warnings.warn(message, stacklevel=3)
 
-    def _decorr_samples(self, captured: dict[str, torch.Tensor], inputs: dict, strict: bool) -> list[_Samples]:
-        """Pool every captured output into samples, with the mask of its side of the model."""
-        masks: dict[bool, torch.Tensor | None] = {}
+    def _decorr_samples(self, captured: dict[str, torch.Tensor], inputs: dict, strict: bool) -> list[DecorrSamples]:
+        """Call :meth:`decorr_samples` for every captured output, in layer order."""
         out = []
         for name in self._decorr_layer_names:
             hidden = captured.get(name)
@@ -168,13 +281,8 @@ class DecorrTrainerMixin:
                         "penalised; choose a module that the model's forward uses"
                     )
                 continue
-            decoder = self._decorr_decoder_side[name]
-            if decoder not in masks:
-                side_mask = mask_from_inputs(inputs, decoder_side=decoder, source=self.args.decorr_mask)
-                # one bool tensor per side, so that the layers' sample masks share its storage
-                masks[decoder] = None if side_mask is None else side_mask.to(device=hidden.device, dtype=torch.bool)
             try:
-                x, mask = pool_hidden(hidden, masks[decoder], self.args.decorr_pooling, name)
+                x, mask = self.decorr_samples(name, hidden, inputs)
             except ValueError:
                 if strict:
                     raise
@@ -184,9 +292,16 @@ class DecorrTrainerMixin:
                     "not fit the batch's mask (e.g. a generation step)",
                 )
                 continue
+            if x.dim() != 2 or (mask is not None and mask.shape != x.shape[:1]):
+                raise ValueError(
+                    f"decorr_samples({name!r}) must return samples of shape (N, p) and a mask of shape (N,) or None; "
+                    f"got {tuple(x.shape)} and {None if mask is None else tuple(mask.shape)}"
+                )
+            if mask is not None:
+                mask = mask.to(device=x.device, dtype=torch.bool)
             pooled = hidden.dim() == 2 or self.args.decorr_pooling != "tokens"
             rows_bound = self.args.per_device_train_batch_size if pooled else None
-            out.append(_Samples(name, x, mask, (x.shape[-1], decoder, pooled, x.dtype, x.device), rows_bound))
+            out.append(DecorrSamples(name, x, mask, pooled, self._decorr_decoder_side.get(name, False), rows_bound))
         return out
 
     #: On the CPU every operation is synchronous, so nothing is lost by gathering the valid token
@@ -201,17 +316,20 @@ class DecorrTrainerMixin:
             and rows_bound is None  # token samples (pooled ones are few rows already)
             and first is not None
             and first.device.type == "cpu"
-            and all(m is not None and m.shape == first.shape and m.data_ptr() == first.data_ptr() for m in ms)
+            and all(m is not None and m.shape == first.shape and torch.equal(m, first) for m in ms)
         )
 
-    def _decorr_penalties(self, samples: list[_Samples]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decorr_penalties(self, samples: list[DecorrSamples]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer penalties ``(L,)`` in layer order and the number of layers with < 2 samples.
 
         Layers of one group (same width, side and sample kind) are stacked into one batched
         kernel; with ``decorr_sync="global"`` and several processes the covariance is taken over
         the samples of all processes.
         """
-        kind = self.args.decorr_penalty
+        penalty = self.decorr_penalty_spec
+        if penalty.of_covariance:
+            # every covariance penalty goes through the (overridable) decorr_penalty method
+            penalty = Penalty(penalty.name, self.decorr_penalty, True, penalty.correction, penalty.description)
         world = world_size()
         sync = world > 1 and self.args.decorr_sync == "global"
         groups: dict[tuple, list[int]] = {}
@@ -243,10 +361,10 @@ class DecorrTrainerMixin:
                 # ordered rank-independently and the strategy depends only on rank-independent shapes
                 bound = samples[members[0]].rows_bound
                 strategy = choose_strategy(h.shape[-1], bound, world)
-                result, count = global_penalty_with_count(h, mask, kind, strategy=strategy, rows_bound=bound)
+                result, count = global_penalty_with_count(h, mask, penalty, strategy=strategy, rows_bound=bound)
                 few.append((count < 2).sum())
             else:
-                result = decorrelation_penalty(h, mask, kind)
+                result = decorrelation_penalty(h, mask, penalty)
             for j, i in enumerate(members):
                 values[i] = result[j]
         per_layer = torch.stack(values) if values else torch.zeros(0)
@@ -264,6 +382,17 @@ class DecorrTrainerMixin:
             )
         return not scaled
 
+    def _decorr_layer_weights(self, step: int) -> list[float]:
+        weights = []
+        for name in self._decorr_layer_names:
+            w = self.decorr_layer_weight(name, step)
+            if isinstance(w, torch.Tensor):
+                w = float(w)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
+                raise ValueError(f"decorr_layer_weight({name!r}, {step}) must return a finite float >= 0, got {w!r}")
+            weights.append(float(w))
+        return weights
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._decorr_prepare(model)
         capture = self._decorr_capture
@@ -271,18 +400,15 @@ class DecorrTrainerMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        capture.clear()
-        capture.mode = "train"
-        try:
+        with capture.recording("train"):
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        finally:
-            capture.mode = "off"
         loss, outputs = result if return_outputs else (result, None)
-        weight = self.args.decorr_weight_at(self.state.global_step)
+        weights = self._decorr_layer_weights(self.state.global_step)
+        active = any(w > 0 for w in weights)
         captured = dict(capture.outputs)
-        if weight > 0:
+        if active:
             for name, hidden in captured.items():
                 if not hidden.requires_grad:
                     raise RuntimeError(
@@ -301,10 +427,15 @@ class DecorrTrainerMixin:
         divides = self._decorr_trainer_divides(num_items_in_batch)
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         task = loss.detach() / steps if divides else loss.detach()
-        if weight > 0:
-            scale = weight if divides else weight / steps
-            loss = loss + (scale * per_layer.sum()).to(loss.dtype)
-        self._decorr_window.add(task.float(), per_layer.detach().float(), few, weight, self.state.global_step)
+        if active:
+            scale = 1.0 if divides else 1.0 / steps
+            if len(set(weights)) == 1:
+                weighted = weights[0] * per_layer.sum()
+            else:
+                weighted = (per_layer * per_layer.new_tensor(weights)).sum()
+            loss = loss + (scale * weighted).to(loss.dtype)
+        self._decorr_window.add(task.float(), per_layer.detach().float(), few, sum(weights) / max(1, len(weights)),
+                                self.state.global_step)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -341,12 +472,8 @@ class DecorrTrainerMixin:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **kwargs)
         self._decorr_prepare(model)
         capture = self._decorr_capture
-        capture.clear()
-        capture.mode = "eval"
-        try:
+        with capture.recording("eval"):
             result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **kwargs)
-        finally:
-            capture.mode = "off"
         captured = dict(capture.outputs)
         capture.clear()
         # With several processes and even_batches, accelerate completes the last batch with samples from
@@ -364,14 +491,14 @@ class DecorrTrainerMixin:
                 rows = sample.x.shape[0]
                 if rows % batch:
                     self._decorr_warn_once(
-                        f"eval-dup-{sample.name}",
-                        f"decorr: cannot tell which of the {rows} samples of {sample.name!r} belong to which of the "
+                        f"eval-dup-{sample.layer}",
+                        f"decorr: cannot tell which of the {rows} samples of {sample.layer!r} belong to which of the "
                         f"{batch} examples of the padded last evaluation batch; its duplicated examples are counted",
                     )
                 else:  # rows are example-major: row k belongs to example k // (rows / batch)
                     real = torch.arange(rows, device=sample.x.device) < keep * (rows // batch)
                     mask = real if mask is None else mask.to(torch.bool) & real
-            stats.setdefault(sample.name, CovarianceAccumulator()).update(sample.x, mask)
+            stats.setdefault(sample.layer, CovarianceAccumulator()).update(sample.x, mask)
         return result
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,

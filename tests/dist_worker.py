@@ -34,7 +34,12 @@ from hf_decorr.distributed import (  # noqa: E402
     world_size,
 )
 from hf_decorr.metrics import CovarianceAccumulator  # noqa: E402
-from hf_decorr.penalties import PENALTIES, decorrelation_penalty  # noqa: E402
+from hf_decorr.penalties import PENALTIES, decorrelation_penalty, register_penalty  # noqa: E402
+
+#: a user-registered penalty of the covariance (‖C‖_F / p): the global path must run it on the global C
+REGISTERED = "dist_test_frobenius"
+register_penalty(REGISTERED, lambda cov: cov.square().sum(dim=(-2, -1)).sqrt() / cov.shape[-1], of_covariance=True,
+                 description="‖C‖_F / p (a test penalty)")
 
 WIDTH = 16
 KINDS = tuple(PENALTIES)
@@ -267,6 +272,7 @@ def trainer_scenarios() -> dict[str, dict[str, object]]:
         "tokens/avg_tokens": {"pooling": "tokens", "average_tokens": True, "evaluate": False},
         "tokens/avg_tokens/no_penalty": {"pooling": "tokens", "average_tokens": True, "weight": 0.0, "evaluate": False},
         "tokens/local": {"pooling": "tokens", "sync": "local", "evaluate": False},
+        "tokens/registered": {"pooling": "tokens", "evaluate": False, "decorr_penalty": REGISTERED},
     }
 
 

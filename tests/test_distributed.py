@@ -182,7 +182,7 @@ def test_eval_metrics_equal_one_process(two, one, scenario):
         # (eval_loss is the Trainer's mean of per-batch mean losses: it depends on how batches are formed)
 
 
-@pytest.mark.parametrize("scenario", ["tokens", "mean"])
+@pytest.mark.parametrize("scenario", ["tokens", "mean", "tokens/registered"])
 def test_one_step_lands_on_the_single_process_parameters(two, one, scenario):
     """2 × 4 examples under DDP (tokens: stats strategy; mean pooling: gather) vs 1 × 8, one SGD step."""
     assert choose_strategy(32, 4, 2) == "gather" and choose_strategy(32, None, 2) == "stats"
@@ -197,7 +197,7 @@ def test_one_step_lands_on_the_single_process_parameters(two, one, scenario):
         assert float(err / moved) <= TOL, float(err / moved)
 
 
-@pytest.mark.parametrize("scenario", ["tokens", "mean"])
+@pytest.mark.parametrize("scenario", ["tokens", "mean", "tokens/registered"])
 def test_training_logs_equal_one_process(two, one, scenario):
     want = one[scenario]["logs"]
     assert len(want) == 1

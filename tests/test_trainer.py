@@ -64,22 +64,40 @@ def test_one_step_per_architecture(arch, tmp_path):
     assert MODEL_TAG in model.model_tags
 
     # the captured tensors are the block outputs asked for: compare with output_hidden_states
-    batch = trainer.data_collator([data[i] for i in range(4)])
-    capture = trainer._decorr_capture
-    model.eval()
-    capture.mode = "eval"
-    with torch.no_grad():
-        out = model(**batch, output_hidden_states=True)
-    capture.mode = "off"
+    recorder = SampleRecorder(model=model, args=args)
+    batch = recorder.data_collator([data[i] for i in range(4)])
+    model.train()
+    torch.manual_seed(0)
+    recorder.compute_loss(model, batch)
+    torch.manual_seed(0)
+    out = model(**batch, output_hidden_states=True)
     states = out.encoder_hidden_states if arch == "t5" else out.hidden_states
-    first = trainer.decorr_layer_names[0]
+    first = recorder.decorr_layer_names[0]
     assert first.endswith(".0")
-    torch.testing.assert_close(capture.outputs[first], states[1])
+    torch.testing.assert_close(recorder.outputs[first], states[1])
     if arch == "t5":
-        torch.testing.assert_close(capture.outputs["decoder.block.0"], out.decoder_hidden_states[1])
-        assert trainer.decorr_layer_names == ["encoder.block.0", "decoder.block.0", "encoder.block.1",
-                                              "decoder.block.1"]
-    capture.clear()
+        torch.testing.assert_close(recorder.outputs["decoder.block.0"], out.decoder_hidden_states[1])
+        assert recorder.decorr_layer_names == ["encoder.block.0", "decoder.block.0", "encoder.block.1",
+                                               "decoder.block.1"]
+    assert not decorr_hooks(model), "hooks left on the model after the step"
+
+
+def decorr_hooks(model) -> list:
+    """The forward hooks of hf_decorr on the model's modules."""
+    return [h for m in model.modules() for h in m._forward_hooks.values()
+            if getattr(h, "__module__", "").startswith("hf_decorr")]
+
+
+class SampleRecorder(DecorrTrainer):
+    """Records each layer's output through the public sample hook."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.outputs = {}
+
+    def decorr_samples(self, layer, output, inputs):
+        self.outputs[layer] = output.detach()
+        return super().decorr_samples(layer, output, inputs)
 
 
 # ---- gradient accumulation ----------------------------------------------------------------------
@@ -320,47 +338,56 @@ def test_non_finite_activations_reach_the_loss(tmp_path):
     assert math.isnan(logged(trainer, "decorr_loss")[0])
 
 
+class NoSyncCheck(DecorrTrainer):
+    """Forbids host syncs from the first penalty sample hook to the end of compute_loss."""
+
+    monkeypatch = None
+
+    def decorr_samples(self, layer, output, inputs):
+        if self.monkeypatch is not None:
+            def forbidden(*a, **k):
+                raise AssertionError("host sync in the penalty path")
+
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero", "numpy"):
+                self.monkeypatch.setattr(torch.Tensor, name, forbidden)
+        return super().decorr_samples(layer, output, inputs)
+
+
 @pytest.mark.parametrize("pooling", ["mean", "tokens"])
 def test_penalty_path_makes_no_host_sync(pooling, tmp_path, monkeypatch):
     args = args_for(tmp_path, decorr_layers=["all"], decorr_pooling=pooling)
-    trainer = DecorrTrainer(model=tiny_bert(), args=args)
+    trainer = NoSyncCheck(model=tiny_bert(), args=args)
     trainer.decorr_compact_cpu_tokens = False  # the accelerator path (the CPU one gathers the valid rows)
     batch = trainer.data_collator([token_dataset(8)[i] for i in range(8)])
     trainer.model.train()
-    trainer._decorr_capture.mode = "train"
-    trainer.model(**batch)
-    trainer._decorr_capture.mode = "off"
-    captured = dict(trainer._decorr_capture.outputs)
-
-    def forbidden(*a, **k):
-        raise AssertionError("host sync in the penalty path")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, forbidden)
-    samples = trainer._decorr_samples(captured, batch, strict=True)
-    per_layer, few = trainer._decorr_penalties(samples)
+    trainer.monkeypatch = monkeypatch
+    loss = trainer.compute_loss(trainer.model, batch)
     monkeypatch.undo()
-    assert per_layer.shape == (2,) and torch.isfinite(per_layer).all() and few.item() == 0
+    assert torch.isfinite(loss)
 
 
-def test_cpu_token_compaction_gives_the_masked_result(tmp_path):
+def test_cpu_token_compaction_gives_the_masked_result(tmp_path, monkeypatch):
     data = token_dataset(8, seed=2)
-    batch = None
     results = []
+    selects = []
+    original = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda self, *a: selects.append(1) or original(self, *a))
     for compact in (True, False):
-        args = args_for(tmp_path, decorr_layers=["all"])
+        selects.clear()
+        args = args_for(tmp_path, decorr_layers=["all"], decorr_weight=1.0)
         trainer = DecorrTrainer(model=tiny_bert(seed=6), args=args)
         trainer.decorr_compact_cpu_tokens = compact
         batch = trainer.data_collator([data[i] for i in range(8)])
         trainer.model.train()
-        trainer._decorr_capture.mode = "train"
-        trainer.model(**batch)
-        trainer._decorr_capture.mode = "off"
-        samples = trainer._decorr_samples(dict(trainer._decorr_capture.outputs), batch, strict=True)
-        assert trainer._decorr_compact_tokens([s.x for s in samples], [s.mask for s in samples], None) == compact
-        per_layer, _ = trainer._decorr_penalties(samples)
-        per_layer.sum().backward()
-        results.append((per_layer.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]))
+        with_penalty = trainer.compute_loss(trainer.model, batch)
+        trainer.args.decorr_weight = 0.0
+        task = trainer.compute_loss(trainer.model, batch)
+        trainer.args.decorr_weight = 1.0
+        assert bool(selects) == compact  # the valid rows were gathered only on the compact path
+        (with_penalty - task.detach()).backward()
+        results.append((with_penalty.detach() - task.detach(),
+                        [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=0)
+    assert results[0][0] > 0
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
