@@ -89,7 +89,7 @@ class DimensionalityArguments:
         default_factory=lambda: [1.0, 0.8, 0.6, 0.4],
         metadata={
             "help": "The diagonal of Σ (the true dimensionality is their number). Distinct, so the axes are "
-            "identifiable; each holds ≥ 10% of the variance, so 4 is also the true UD_90%."
+            "identifiable; each holds ≥ 10 percent of the variance, so 4 is also the true UD_90."
         },
     )
     code_dim: int = field(default=10, metadata={"help": "Units of the linear coding layer."})

@@ -1,0 +1,188 @@
+"""The package layout: --help works, the core is apart from hf_decorr.app, no import cycles, no ../shared."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+from transformers import HfArgumentParser
+
+from hf_decorr import DecorrSeq2SeqTrainingArguments, DecorrTrainingArguments
+
+PACKAGE_DIR = os.path.join(REPO_ROOT, "hf_decorr")
+
+
+# ------------------------------------------------------------------------------------------ --help
+
+
+def _run_help(script: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), "--help"], capture_output=True,
+                          text=True, cwd=REPO_ROOT, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("script", ["recipes/text_classification.py", "recipes/causal_lm.py"])
+def test_recipe_help_exits_0_and_lists_the_decorr_options(script):
+    proc = _run_help(script)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for option in ("--decorr_weight", "--decorr_layers", "--decorr_penalty", "--model_name_or_path",
+                   "--output_dir"):
+        assert option in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("arguments", [DecorrTrainingArguments, DecorrSeq2SeqTrainingArguments])
+def test_hf_argument_parser_help(arguments, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        HfArgumentParser(arguments).parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--decorr_weight" in out and "--decorr_variance_share" in out
+
+
+def test_trl_config_help(capsys):
+    pytest.importorskip("trl")
+    from hf_decorr.trl import DecorrSFTConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        HfArgumentParser(DecorrSFTConfig).parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--decorr_weight" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["dimensionality", "xor", "image_autoencoder"])
+def test_paper_recipe_help_formats(name):
+    """Every help string of the paper recipes' argument dataclasses survives argparse's %-formatting."""
+    import importlib.util
+
+    path = os.path.join(REPO_ROOT, "recipes", "paper", f"{name}.py")
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        spec = importlib.util.spec_from_file_location(f"paper_recipe_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(os.path.dirname(path))
+    classes = [obj for obj in vars(module).values()
+               if isinstance(obj, type) and obj.__name__.endswith("Arguments") and obj.__module__ == spec.name]
+    assert classes
+    for cls in classes:
+        assert "--output_dir" in HfArgumentParser(cls).format_help()
+
+
+# ------------------------------------------------------------------------------------- the layout
+
+
+def _modules() -> dict[str, str]:
+    """``{dotted module name: path}`` of every module of the hf_decorr package."""
+    out = {}
+    for root, _, names in os.walk(PACKAGE_DIR):
+        for name in names:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(root, name)
+            parts = os.path.relpath(path, REPO_ROOT)[:-3].split(os.sep)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+def _imports(module: str, path: str, top_level_only: bool) -> set[str]:
+    """The hf_decorr modules that ``module`` imports (resolved, relative imports included)."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    nodes = []
+    if top_level_only:  # statements that run at import time (also inside top-level try / if)
+        stack = list(tree.body)
+        while stack:
+            node = stack.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            nodes.append(node)
+            stack.extend(ast.iter_child_nodes(node))
+    else:
+        nodes = list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "hf_decorr")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "hf_decorr":
+                continue
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from . import capture`
+    return found
+
+
+def test_the_module_walk_sees_the_package():
+    modules = _modules()
+    assert {"hf_decorr", "hf_decorr.trainer", "hf_decorr.app", "hf_decorr.app.parser"} <= set(modules)
+    assert "hf_decorr.trainer" in _imports("hf_decorr", modules["hf_decorr"], top_level_only=True)
+    assert "hf_decorr.app.parser" in _imports("hf_decorr.app.data", modules["hf_decorr.app.data"], True)
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {name: sorted(_imports(name, path, top_level_only=True) & set(modules)) for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt]
+                pytest.fail("import cycle: " + " → ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+def test_the_core_never_imports_the_application_package():
+    for name, path in _modules().items():
+        if name == "hf_decorr.app" or name.startswith("hf_decorr.app."):
+            continue
+        bad = sorted(m for m in _imports(name, path, top_level_only=False)
+                     if m == "hf_decorr.app" or m.startswith("hf_decorr.app."))
+        assert not bad, f"{name} imports {bad}"
+
+
+def test_the_core_neither_prints_nor_exits():
+    for name, path in _modules().items():
+        if name == "hf_decorr.app" or name.startswith("hf_decorr.app."):
+            continue
+        tree = ast.parse(open(path, encoding="utf-8").read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id not in ("print", "exit", "quit"), f"{name}:{node.lineno} calls {node.func.id}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "exit":
+                assert not (isinstance(node.func.value, ast.Name) and node.func.value.id in ("sys", "os")), \
+                    f"{name}:{node.lineno} calls exit"
+            if isinstance(node, ast.Name) and node.id == "SystemExit":
+                pytest.fail(f"{name}:{node.lineno} uses SystemExit")
+
+
+def test_importing_the_core_does_not_load_the_application_package():
+    code = ("import sys, hf_decorr, hf_decorr.model_card, hf_decorr.plotting\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('hf_decorr.app'))\n"
+            "print(','.join(bad))\n")
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == ""
