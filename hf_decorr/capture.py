@@ -100,7 +100,13 @@ def _describe(model: nn.Module, stacks: Sequence[BlockStack]) -> str:
     else:
         lines.append("no stack of repeated blocks was found in this model")
     top = [name for name, _ in model.named_modules() if name and name.count(".") <= 2][:40]
-    lines.append("modules include: " + ", ".join(top))
+    if top:
+        lines.append("modules include: " + ", ".join(top))
+    else:
+        lines.append(
+            f"the model ({type(model).__name__}) has no sub-modules, so there is no layer to penalise: build it from "
+            "sub-modules (e.g. self.encoder = nn.Linear(...)) and name one in decorr_layers"
+        )
     return "; ".join(lines)
 
 

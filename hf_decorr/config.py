@@ -6,6 +6,13 @@
     @dataclass
     class MyArgs(DecorrConfig, TrainingArguments): ...
 
+The other order (``class MyArgs(TrainingArguments, DecorrConfig)``) would skip the validation
+of the decorr settings, so it is refused with a ``TypeError`` when the class is created.
+
+``decorr_config.json`` (written beside every checkpoint and final model) holds exactly the
+fields of :class:`DecorrConfig`, so it reads back with :meth:`DecorrConfig.from_json` or
+``HfArgumentParser(DecorrConfig).parse_json_file(path)``.
+
 Every field has ``help`` metadata, so ``HfArgumentParser`` turns them into CLI flags
 (``--decorr_weight 0.1 --decorr_layers -1 -2``) and reads them from YAML.
 """
@@ -16,7 +23,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Self
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
@@ -31,12 +38,35 @@ __all__ = [
     "DECORR_CONFIG_NAME",
     "DEFAULT_DECORR_WEIGHT",
     "SYNC_MODES",
+    "check_base_order",
 ]
 
 DECORR_CONFIG_NAME = "decorr_config.json"
 SYNC_MODES = ("global", "local")
 # Chosen by measurement on pretrained MiniLM / SST-2: see README, "Choosing λ".
 DEFAULT_DECORR_WEIGHT = 1.0
+# written into decorr_config.json by hf_decorr 0.1.0; ignored when reading
+_LEGACY_VERSION_KEY = "hf_decorr_version"
+
+
+def check_base_order(cls: type, mixin: type, base: type, method: str) -> None:
+    """Raise ``TypeError`` when a subclass of ``base`` precedes ``mixin`` in ``cls``'s MRO.
+
+    ``base.<method>`` does not call ``super()``, so ``mixin``'s version would never run: the
+    mixin must come first in the bases. The message shows the order to write.
+    """
+    mro = cls.__mro__
+    if mixin not in mro:
+        return
+    for klass in mro[: mro.index(mixin)]:
+        if issubclass(klass, base) and not issubclass(klass, mixin):
+            right = sorted(cls.__bases__, key=lambda b: not issubclass(b, mixin))
+            wrong = ", ".join(b.__name__ for b in cls.__bases__)
+            raise TypeError(
+                f"class {cls.__name__}({wrong}): {mixin.__name__} must come before {klass.__name__} in the bases, "
+                f"because {klass.__name__}.{method} does not call super() and {mixin.__name__}'s would never run; "
+                f"write class {cls.__name__}({', '.join(b.__name__ for b in right)})"
+            )
 
 
 @dataclass
@@ -107,6 +137,10 @@ class DecorrConfig:
         default=True, metadata={"help": "Also log the penalty and eval metrics of each layer, not only their mean."}
     )
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_base_order(cls, DecorrConfig, TrainingArguments, "__post_init__")
+
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
@@ -153,12 +187,35 @@ class DecorrConfig:
         return self.decorr_weight * min(1.0, (step + 1) / self.decorr_warmup_steps)
 
     def decorr_dict(self) -> dict[str, Any]:
-        """The decorr settings alone, as saved in ``decorr_config.json``."""
-        from . import __version__
+        """The decorr settings alone (the fields of :class:`DecorrConfig`), as saved in ``decorr_config.json``."""
+        return {f.name: getattr(self, f.name) for f in fields(DecorrConfig)}
 
-        out = {f.name: getattr(self, f.name) for f in fields(DecorrConfig)}
-        out["hf_decorr_version"] = __version__
-        return out
+    @classmethod
+    def from_json(cls, path: str | os.PathLike, **overrides: Any) -> Self:
+        """Read the settings saved by :meth:`save_decorr_config` (a ``decorr_config.json`` or its folder).
+
+        ``overrides`` are further constructor arguments (for a ``DecorrTrainingArguments``, e.g.
+        ``output_dir``) and win over the file. The values are validated as on construction. Keys
+        that are not fields of :class:`DecorrConfig` are a ``ValueError`` naming them; the key
+        ``hf_decorr_version`` written by hf_decorr 0.1.0 is ignored.
+        """
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, DECORR_CONFIG_NAME)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object of decorr settings, got a {type(data).__name__}")
+        data.pop(_LEGACY_VERSION_KEY, None)
+        known = [f.name for f in fields(DecorrConfig)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"{path}: unknown decorr setting(s) {unknown}; the settings are {known}")
+        return cls(**{**data, **overrides})
 
     def save_decorr_config(self, directory: str | os.PathLike) -> str:
         """Write ``decorr_config.json`` into ``directory`` atomically; returns its path."""

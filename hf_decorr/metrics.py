@@ -14,7 +14,7 @@ variances and ``p`` the layer width:
 * ``mapc``: mean absolute Pearson correlation ``2/(p²−p) Σ_{i<j} |C_ij| / √(C_ii C_jj)``.
   The paper notes it is ill-defined for a unit with zero variance; here such *dead* units
   (``v_i ≤ 1e-10 · max v``) are left out and the mean runs over the pairs of live units
-  (0 when fewer than two units are alive).
+  (NaN when fewer than two units are alive).
 * ``cvr``: covariance/variance ratio ``‖C‖₁ / tr C``, **without** the ``1/p²`` printed in the
   paper, which its reported values (4–20) do not fit; 1 is the optimum (a diagonal C).
 * ``tdv``: share of the total variance held by the ``d`` units of largest variance.
@@ -25,7 +25,12 @@ variances and ``p`` the layer width:
 * ``cov_l1``: the paper's ``L_Σ = ‖C‖₁ / p²`` of the whole-set covariance.
 * ``live_units``: the number of units that are not dead, and ``samples``: ``n``.
 
-Non-finite activations give NaN for every metric. A constant layer (``tr C = 0``) has ``cvr = tdv = 1``, ``ud = pca_ud = 0`` and ``mapc = 0``.
+Undefined is NaN, never a perfect score: non-finite activations give NaN for every metric; a
+layer with fewer than two live units (a constant or collapsed layer, ``tr C = 0``) or fewer
+than two samples has NaN ``mapc``, ``cvr``, ``tdv``, ``ud`` and ``pca_ud`` (with fewer than two
+samples also ``cov_l1``), while ``live_units`` and ``samples`` keep their counts. NaN never wins
+a ``metric_for_best_model`` comparison in ``Trainer`` (it starts from ±inf and NaN compares
+false), so a collapsed checkpoint is never chosen as the best one.
 
 Over repeated runs, :func:`mean_std` (``mean = Σx/n``, sample std ``√(Σ(x − mean)²/(n − 1))``,
 NaN when a value is not finite: a diverged run is reported, never averaged away) and
@@ -126,9 +131,12 @@ def decorrelation_metrics(
     cov = cov.detach().to(device="cpu", dtype=torch.float64)
     cov = 0.5 * (cov + cov.T)
     p = cov.shape[0]
-    if not bool(torch.isfinite(cov).all()):
-        # non-finite activations are reported, never hidden
+    few_samples = samples is not None and not float(samples) >= 2
+    if not bool(torch.isfinite(cov).all()) or few_samples:
+        # non-finite activations, or too few samples for a covariance: reported, never hidden
         out = {key: math.nan for key in METRIC_NAMES if key != "samples"}
+        if few_samples and bool(torch.isfinite(cov).all()):
+            out["live_units"] = 0.0
         if samples is not None:
             out["samples"] = float(samples)
         return out
@@ -146,15 +154,17 @@ def decorrelation_metrics(
         off = corr.sum() - torch.diagonal(corr).sum()
         mapc = float(off) / (n_live * n_live - n_live)
     else:
-        mapc = 0.0
+        # fewer than two live units: no correlation, spread or dimension to measure (a collapsed layer)
+        out = {key: math.nan for key in ("mapc", "cvr", "tdv", "ud", "pca_ud")}
+        out.update({"cov_l1": float(abs_cov.sum()) / (p * p), "live_units": float(n_live)})
+        if samples is not None:
+            out["samples"] = float(samples)
+        return out
 
     sorted_var = torch.sort(var, descending=True).values
     eig = torch.linalg.eigvalsh(cov).clamp_min(0).flip(0)
-    if total > 0:
-        cvr = float(abs_cov.sum()) / total
-        tdv = float(sorted_var[: min(top_d, p)].sum()) / total
-    else:
-        cvr, tdv = 1.0, 1.0
+    cvr = float(abs_cov.sum()) / total
+    tdv = float(sorted_var[: min(top_d, p)].sum()) / total
     out = {
         "mapc": mapc,
         "cvr": cvr,

@@ -14,6 +14,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from . import __version__
 from .atomic import write_text_atomic
 from .config import DECORR_CONFIG_NAME
 from .trainer import MODEL_TAG
@@ -141,7 +142,7 @@ def decorr_model_card(
         ("samples (`decorr_mask`)", decorr_settings.get("decorr_mask")),
         ("λ warm-up steps", decorr_settings.get("decorr_warmup_steps")),
         ("multi-process covariance (`decorr_sync`)", decorr_settings.get("decorr_sync")),
-        ("hf_decorr version", decorr_settings.get("hf_decorr_version")),
+        ("hf_decorr version", decorr_settings.get("hf_decorr_version") or __version__),
     ]
     base_text = f"[`{base_model}`](https://huggingface.co/{base_model})" if looks_like_hub_id(base_model) else (
         f"`{base_model}`" if base_model else "a pretrained model"

@@ -1,5 +1,7 @@
 """The paper's metrics against a NumPy reference, and streaming invariance."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -96,7 +98,9 @@ def test_constant_layer_and_single_sample():
     acc = CovarianceAccumulator()
     acc.update(torch.ones(10, 4))
     m = decorrelation_metrics(acc.covariance())
-    assert m == {"mapc": 0.0, "cvr": 1.0, "tdv": 1.0, "ud": 0.0, "pca_ud": 0.0, "cov_l1": 0.0, "live_units": 0.0}
+    # a constant layer is not perfectly decorrelated: its metrics are undefined (NaN), not CVR 1 / MAPC 0
+    assert all(math.isnan(m[k]) for k in ("mapc", "cvr", "tdv", "ud", "pca_ud"))
+    assert m["cov_l1"] == 0.0 and m["live_units"] == 0.0
     one = CovarianceAccumulator()
     one.update(torch.randn(1, 4))
     assert torch.equal(one.covariance(), torch.zeros(4, 4, dtype=torch.float64))
