@@ -28,6 +28,7 @@ from typing import Any, Self
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .atomic import write_text_atomic
+from .gram import PRECISIONS
 from .penalties import PENALTIES, PenaltyNames
 from .pooling import MASK_SOURCES, POOLINGS
 
@@ -136,6 +137,29 @@ class DecorrConfig:
     decorr_log_per_layer: bool = field(
         default=True, metadata={"help": "Also log the penalty and eval metrics of each layer, not only their mean."}
     )
+    decorr_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "Matmul precision of the covariance on CUDA: 'fp32' (IEEE float32), 'tf32', 'bf16' (bf16 tensor "
+            "cores with float32 accumulation; forward split into hi+lo for float32-like accuracy) or 'auto' "
+            "(the measured default, see docs/PERFORMANCE.md). The CPU always computes in float32.",
+            "choices": list(PRECISIONS),
+        },
+    )
+    decorr_max_samples: int = field(
+        default=0,
+        metadata={
+            "help": "If > 0, the penalty of each layer uses this many random valid tokens per step (static shapes, "
+            "seeded by --seed); 0 uses every valid token. Subsampling biases L_Σ upward: see docs/PERFORMANCE.md."
+        },
+    )
+    decorr_chunk_size: int = field(
+        default=0,
+        metadata={
+            "help": "Rows (and covariance columns) processed at a time by the penalty, a multiple of 8; bounds its "
+            "transient memory to about 8·chunk·p bytes. 0: about 4 MiB of float32 per chunk."
+        },
+    )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -167,6 +191,7 @@ class DecorrConfig:
             ("decorr_pooling", self.decorr_pooling, list(POOLINGS)),
             ("decorr_mask", self.decorr_mask, list(MASK_SOURCES)),
             ("decorr_sync", self.decorr_sync, list(SYNC_MODES)),
+            ("decorr_precision", self.decorr_precision, list(PRECISIONS)),
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not valid; choose one of {choices}")
@@ -179,6 +204,12 @@ class DecorrConfig:
         share = self.decorr_variance_share
         if not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
             raise ValueError(f"decorr_variance_share must be in (0, 1], got {share!r}")
+        samples = self.decorr_max_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0 or samples == 1:
+            raise ValueError(f"decorr_max_samples must be 0 (every token) or an integer >= 2, got {samples!r}")
+        chunk = self.decorr_chunk_size
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0 or chunk % 8:
+            raise ValueError(f"decorr_chunk_size must be 0 (automatic) or a positive multiple of 8, got {chunk!r}")
 
     def decorr_weight_at(self, step: int) -> float:
         """λ at optimizer step ``step`` (0-based): ``λ · min(1, (step + 1) / decorr_warmup_steps)``."""

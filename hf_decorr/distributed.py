@@ -41,20 +41,23 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from .gram import GramFunction, default_chunk, lowmem_covariance, resolve_precision
 from .metrics import CovarianceAccumulator
-from .penalties import Penalty, _CentredGram, _prepare, decorrelation_penalty, get_penalty
+from .penalties import Penalty, _prepare, decorrelation_penalty, get_penalty
 
 __all__ = [
-    "world_size",
-    "rank",
-    "global_penalty",
-    "global_penalty_with_count",
-    "choose_strategy",
-    "communication_volume",
+    "DEFAULT_BUCKET_BYTES",
     "STRATEGIES",
     "all_reduce_sum",
-    "sum_accumulators",
+    "choose_strategy",
+    "communication_volume",
+    "global_covariance_penalties",
+    "global_penalty",
+    "global_penalty_with_count",
+    "rank",
     "real_samples_in_batch",
+    "sum_accumulators",
+    "world_size",
 ]
 
 STRATEGIES = ("stats", "gather")
@@ -162,22 +165,143 @@ def communication_volume(strategy: str, width: int, rows: int, world: int, layer
 # ---- the global penalty --------------------------------------------------------------------------
 
 
-def _stats_covariance(
-    h: torch.Tensor, m: torch.Tensor, correction: int, replicated: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global covariance ``(..., p, p)`` and count ``(...)`` from local ``h (..., N, p)``, mask ``m (..., N, 1)``."""
-    n_local = m.sum(dim=-2)  # (..., 1)
-    mean_local = h.sum(dim=-2) / n_local.clamp_min(1)  # (..., p); masked rows of h are zero
-    scatter = _CentredGram.apply(h, m, torch.ones_like(n_local).unsqueeze(-1))  # (..., p, p), divisor 1
-    scatter = _sum_over_ranks(scatter, replicated)
-    gathered = _gather_over_ranks(torch.cat([n_local, mean_local], dim=-1), replicated)  # (W, ..., 1 + p)
-    counts, means = gathered[..., :1].detach(), gathered[..., 1:]  # counts carry no gradient
-    n = counts.sum(dim=0)  # (..., 1)
-    mean = (counts * means).sum(dim=0) / n.clamp_min(1)
-    dev = (means - mean) * counts.sqrt()
-    between = torch.einsum("w...i,w...j->...ij", dev, dev)
-    cov = (scatter + between) / (n - correction).clamp_min(1).unsqueeze(-1)
-    return cov, n[..., 0]
+#: default size of one all-reduce bucket of the ``stats`` strategy (float32 scatter matrices of several layers)
+DEFAULT_BUCKET_BYTES = 64 << 20
+
+
+class _AsyncSumOverRanks(torch.autograd.Function):
+    """Like :class:`_SumOverRanks`, but the all-reduce is started asynchronously: the caller must call
+    ``work[0].wait()`` (appended to the list ``work``) before reading the result. On NCCL the wait only makes
+    the compute stream wait for the communication stream, so the Grams of the next bucket overlap with it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, replicated: bool, work: list) -> torch.Tensor:
+        ctx.replicated = replicated
+        y = x.clone(memory_format=torch.contiguous_format)
+        work.append(dist.all_reduce(y, op=dist.ReduceOp.SUM, async_op=True))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.replicated:
+            return grad * world_size(), None, None
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad, None, None
+
+
+def _local_count_and_mean(h, m, index, chunk):
+    """``n (...)`` (no gradient) and ``μ (..., p)`` (differentiable, float32/float64), summed by row chunks."""
+    cdtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    rows = h.shape[-2] if index is None else index.shape[0]
+    total = None
+    for start in range(0, rows, chunk):
+        x = h[..., start : start + chunk, :] if index is None else h.index_select(-2, index[start : start + chunk])
+        x = x.to(cdtype)
+        if m is not None:
+            x = torch.where(m[..., start : start + chunk].unsqueeze(-1), x, x.new_zeros(()))
+        part = x.sum(dim=-2)
+        total = part if total is None else total + part
+    lead = h.shape[:-2]
+    if total is None:
+        total = torch.zeros(*lead, h.shape[-1], dtype=cdtype, device=h.device)
+    total = total.expand(*lead, h.shape[-1])
+    n = torch.full(lead, float(rows), dtype=cdtype, device=h.device) if m is None else \
+        m.to(cdtype).sum(dim=-1).expand(lead)
+    return n, total / n.clamp_min(1).unsqueeze(-1)
+
+
+def global_covariance_penalties(
+    items: Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+    kind: str | Penalty,
+    *,
+    chunk: int | None = None,
+    precision: str = "fp32",
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    replicated_loss: bool = True,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A covariance penalty of each of several layers over the samples of every process (strategy ``stats``).
+
+    ``items``: per layer ``(h (..., N, p), mask (..., K) | None, index (K,) | None)`` as in
+    :func:`~hf_decorr.gram.lowmem_covariance` (widths, ``N`` and ``K`` may differ between layers; the number of
+    layers, their widths and order must be the same on every process). Collectives: one all-gather of every
+    layer's ``(n_r, μ_r)`` and one all-reduce per bucket of float32 scatter matrices ``M_r`` (``4·p²`` bytes per
+    layer, buckets of at most ``bucket_bytes``, one layer at least). A bucket's all-reduce is started
+    asynchronously and finished after the next bucket's Grams are computed, so that computation and
+    communication overlap; at most two buckets of scatter matrices are alive at once. Returns the per-layer
+    penalties (shape ``(...)`` each) and global counts.
+    """
+    penalty = get_penalty(kind)
+    if not penalty.of_covariance:
+        raise ValueError(f"penalty {penalty.name!r} is not a function of the covariance")
+    if world_size() == 1:
+        values, counts = [], []
+        for h, mask, index in items:
+            cov, n = lowmem_covariance(h, mask, penalty.correction, index=index, chunk=chunk, precision=precision)
+            values.append(penalty.fn(cov))
+            counts.append(n)
+        return values, counts
+    prepared = []
+    with torch.autocast(device_type=items[0][0].device.type, enabled=False):
+        for h, mask, index in items:
+            m = None if mask is None else mask.to(device=h.device, dtype=torch.bool)
+            prepared.append((h, m, index, chunk or default_chunk(h.shape[-1])))
+        stats = [_local_count_and_mean(h, m, index, c) for h, m, index, c in prepared]
+        packed = torch.cat([torch.cat([n.detach().unsqueeze(-1), mean], dim=-1).reshape(-1) for n, mean in stats])
+        gathered = _gather_over_ranks(packed, replicated_loss)  # (W, Σ (...)·(1 + p)): one all-gather
+        buckets, current, size = [], [], 0
+        for i, (h, *_rest) in enumerate(prepared):
+            layer_bytes = 4 * h.shape[-1] ** 2 * max(1, h[..., 0, 0].numel())
+            if current and size + layer_bytes > bucket_bytes:
+                buckets.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += layer_bytes
+        if current:
+            buckets.append(current)
+        values: list[torch.Tensor | None] = [None] * len(items)
+        counts: list[torch.Tensor | None] = [None] * len(items)
+        offsets, offset = [], 0
+        for n, mean in stats:
+            offsets.append(offset)
+            offset += n.numel() * (1 + mean.shape[-1])
+
+        def finish(bucket, summed, work):
+            work[0].wait()
+            start = 0
+            for i in bucket:
+                h = prepared[i][0]
+                lead, p = h.shape[:-2], h.shape[-1]
+                size = max(1, h[..., 0, 0].numel()) * p * p
+                scatter = summed[start : start + size].reshape(*lead, p, p)
+                start += size
+                rows = gathered[:, offsets[i] : offsets[i] + stats[i][0].numel() * (1 + p)].reshape(-1, *lead, 1 + p)
+                cnt, means = rows[..., :1].detach(), rows[..., 1:]  # counts carry no gradient
+                n = cnt.sum(dim=0)  # (..., 1)
+                mu = (cnt * means).sum(dim=0) / n.clamp_min(1)
+                dev = (means - mu) * cnt.sqrt()
+                between = torch.einsum("w...i,w...j->...ij", dev, dev)
+                cov = (scatter + between) / (n - penalty.correction).clamp_min(1).unsqueeze(-1)
+                values[i], counts[i] = penalty.fn(cov), n[..., 0].detach()
+
+        pending = None
+        for bucket in buckets:
+            scatters = []
+            for i in bucket:
+                h, m, index, c = prepared[i]
+                ones = torch.ones(h.shape[:-2], dtype=stats[i][1].dtype, device=h.device)
+                resolved = resolve_precision(precision, h.device, h.dtype)
+                scatters.append(GramFunction.apply(h, m, index, ones, c, resolved, False).reshape(-1))
+            work: list = []
+            summed = _AsyncSumOverRanks.apply(torch.cat(scatters) if len(scatters) > 1 else scatters[0],
+                                             replicated_loss, work)
+            del scatters
+            if pending is not None:
+                finish(*pending)
+            pending = (bucket, summed, work)
+        if pending is not None:
+            finish(*pending)
+    return values, counts
 
 
 def global_penalty_with_count(
@@ -236,21 +360,21 @@ def global_penalty_with_count(
         gathered = gathered.movedim(0, -3).flatten(-3, -2)  # (..., W · rows_bound, p + 1)
         m_all = gathered[..., -1] > 0.5
         return decorrelation_penalty(gathered[..., :-1], m_all, penalty), m_all.sum(dim=-1)
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        h, m = _prepare(h, mask)
-        if penalty.name == "l1" and not penalty.of_covariance:
+    if penalty.name == "l1" and not penalty.of_covariance:
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h, m = _prepare(h, mask)
             totals = torch.stack([h.abs().sum(dim=(-2, -1)), m.sum(dim=(-2, -1))])
             totals = _sum_over_ranks(totals, replicated_loss)
             return totals[0] / (totals[1].clamp_min(1) * h.shape[-1]), totals[1].detach()
-        if not penalty.of_covariance:
-            raise ValueError(
-                f"decorr_penalty={penalty.name!r} is a function of the samples, not of their covariance, so it cannot "
-                "be computed from the per-process statistics of decorr_sync='global' with token samples; use "
-                "decorr_sync='local', pooled samples (decorr_pooling='mean'/'first'/'last', gathered rows), or a "
-                "penalty registered with of_covariance=True"
-            )
-        cov, n = _stats_covariance(h, m, penalty.correction, replicated_loss)
-        return penalty.fn(cov), n.detach()
+    if not penalty.of_covariance:
+        raise ValueError(
+            f"decorr_penalty={penalty.name!r} is a function of the samples, not of their covariance, so it cannot "
+            "be computed from the per-process statistics of decorr_sync='global' with token samples; use "
+            "decorr_sync='local', pooled samples (decorr_pooling='mean'/'first'/'last', gathered rows), or a "
+            "penalty registered with of_covariance=True"
+        )
+    values, counts = global_covariance_penalties([(h, mask, None)], penalty, replicated_loss=replicated_loss)
+    return values[0], counts[0]
 
 
 def global_penalty(

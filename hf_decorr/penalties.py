@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .gram import AbsSumFunction, cov_l1_lowmem, lowmem_covariance
+
 __all__ = [
     "PENALTIES",
     "Penalty",
@@ -70,48 +72,31 @@ def _prepare(h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     return h, m.unsqueeze(-1)
 
 
-class _CentredGram(torch.autograd.Function):
-    """``C = Σ_k m_k (h_k − h̄)(h_k − h̄)ᵀ / divisor`` with a one-matmul backward.
-
-    Autograd through ``centredᵀ @ centred`` would spend two matmuls on the backward; here
-    ``∂/∂h_k = (G + Gᵀ) c_k / divisor`` (``c_k`` the masked centred row). The path through the
-    mean vanishes exactly because the valid centred rows sum to zero.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, m: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
-        n = m.sum(dim=-2, keepdim=True)
-        centred = h - h.sum(dim=-2, keepdim=True) / n.clamp_min(1)
-        centred.mul_(m)  # padding rows back to exactly zero
-        ctx.save_for_backward(centred, divisor)
-        return (centred.mT @ centred) / divisor
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        centred, divisor = ctx.saved_tensors
-        return centred @ ((grad + grad.mT) / divisor), None, None
-
-
 def masked_covariance(
-    h: torch.Tensor, mask: torch.Tensor | None = None, correction: int = 1
+    h: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    correction: int = 1,
+    *,
+    chunk: int | None = None,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Covariance of the valid rows of ``h``.
 
     Args:
-        h: activations, shape ``(..., N, p)``.
+        h: activations, shape ``(..., N, p)``, any floating dtype (kept as is: no float32 copy).
         mask: 0/1 or bool, shape ``(..., N)`` or ``(N,)``; ``None`` means every row is valid.
         correction: ``1`` divides by ``n − 1`` (unbiased, the paper), ``0`` by ``n``.
+        chunk: rows processed at a time (default :func:`~hf_decorr.gram.default_chunk`).
+        precision: the Gram's matmul precision on CUDA (:data:`~hf_decorr.gram.PRECISIONS`); float32
+            (float64 for float64 input) elsewhere.
 
     Returns:
         ``(C, n)``: ``C`` of shape ``(..., p, p)`` in float32 (float64 for float64 input) and
         the number of valid rows ``n`` of shape ``(...)``. The divisor is clamped to at least 1,
-        so ``C`` is zero (not NaN) when ``n < 2``.
+        so ``C`` is zero (not NaN) when ``n < 2``. For the backward only ``h`` itself, the mask and
+        the mean are kept (see :mod:`hf_decorr.gram`).
     """
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        h, m = _prepare(h, mask)
-        n = m.sum(dim=-2, keepdim=True)  # (..., 1, 1)
-        cov = _CentredGram.apply(h, m, (n - correction).clamp_min(1))
-        return cov, n[..., 0, 0]
+    return lowmem_covariance(h, mask, correction, chunk=chunk, precision=precision)
 
 
 def _off_diagonal_square_sum(cov: torch.Tensor) -> torch.Tensor:
@@ -119,7 +104,8 @@ def _off_diagonal_square_sum(cov: torch.Tensor) -> torch.Tensor:
 
 
 def _cov_l1_of_covariance(cov: torch.Tensor) -> torch.Tensor:
-    return cov.abs().sum(dim=(-2, -1)) / cov.shape[-1] ** 2
+    # Σ|C_ij| / p², keeping only the packed signs of C (p²/4 bytes) for the backward instead of C itself
+    return AbsSumFunction.apply(cov, 1.0 / cov.shape[-1] ** 2)
 
 
 def _decov_of_covariance(cov: torch.Tensor) -> torch.Tensor:
@@ -200,6 +186,8 @@ class Penalty:
 
     def __call__(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The penalty of samples ``h`` (``(..., N, p)``) with validity ``mask``; shape ``(...)``."""
+        if self.fn is _cov_l1_of_covariance and self.correction == 1:
+            return cov_l1_lowmem(h, mask)  # fused and tiled: never the whole C (see hf_decorr.gram)
         if self.of_covariance:
             cov, _ = masked_covariance(h, mask, correction=self.correction)
             return self.fn(cov)

@@ -49,13 +49,20 @@ from .capture import HiddenStateCapture, resolve_layers
 from .config import DecorrConfig
 from .distributed import (
     choose_strategy,
+    global_covariance_penalties,
     global_penalty_with_count,
     real_samples_in_batch,
     sum_accumulators,
     world_size,
 )
+from .gram import cov_l1_lowmem, lowmem_covariance
 from .metrics import CovarianceAccumulator, decorrelation_metrics
-from .penalties import Penalty, decorrelation_penalty, get_penalty
+from .penalties import (
+    Penalty,
+    _cov_l1_of_covariance,
+    decorrelation_penalty,
+    get_penalty,
+)
 from .pooling import mask_from_inputs, pool_hidden
 
 __all__ = ["DecorrTrainerMixin", "DecorrTrainer", "DecorrSeq2SeqTrainer", "DecorrSamples", "MODEL_TAG"]
@@ -319,30 +326,91 @@ class DecorrTrainerMixin:
             and all(m is not None and m.shape == first.shape and torch.equal(m, first) for m in ms)
         )
 
+    def _decorr_fused_cov_l1(self) -> bool:
+        """Whether the penalty is the built-in ``cov_l1`` (not overridden), computed by the fused tiled kernel."""
+        return (
+            type(self).decorr_penalty is DecorrTrainerMixin.decorr_penalty
+            and self.decorr_penalty_spec.fn is _cov_l1_of_covariance
+            and self.decorr_penalty_spec.correction == 1
+        )
+
+    def _decorr_subsample(self, x: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator):
+        """``decorr_max_samples`` random valid rows of ``x``: ``(index (K,), validity (K,) | None)``, static shapes.
+
+        Random keys, −1 for invalid rows, and ``topk``: no host sync. With fewer than ``K`` valid rows some
+        invalid ones are drawn too and masked out.
+        """
+        k = self.args.decorr_max_samples
+        if x.shape[0] <= k:
+            return None, mask
+        keys = torch.rand(x.shape[0], generator=generator, device=x.device)
+        if mask is not None:
+            keys = torch.where(mask, keys, keys.new_full((), -1.0))
+        index = keys.topk(k, sorted=False).indices
+        return index, None if mask is None else mask.index_select(0, index)
+
+    def _decorr_generator(self, device: torch.device) -> torch.Generator:
+        """The subsampling generator of this micro-batch: seeded from ``args.seed``, the step and the call count."""
+        self._decorr_draws = getattr(self, "_decorr_draws", 0) + 1
+        seed = (self.args.seed * 1_000_003 + self.state.global_step * 7_919 + self._decorr_draws) % (2**63 - 1)
+        return torch.Generator(device=device).manual_seed(seed)
+
     def _decorr_penalties(self, samples: list[DecorrSamples]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer penalties ``(L,)`` in layer order and the number of layers with < 2 samples.
 
-        Layers of one group (same width, side and sample kind) are stacked into one batched
-        kernel; with ``decorr_sync="global"`` and several processes the covariance is taken over
-        the samples of all processes.
+        Token samples of a covariance penalty are walked one layer at a time through the low-memory
+        kernels of :mod:`hf_decorr.gram` (no copy of the activations, no stack of layers: the backward
+        keeps the layer output itself plus O(p²) state); pooled samples (few rows) and penalties of the
+        samples (``l1``) are stacked by group (same width, side and kind) into one batched kernel. With
+        ``decorr_sync="global"`` and several processes the covariance is taken over the samples of all
+        processes (token layers: bucketed all-reduces, see :func:`~hf_decorr.distributed.global_covariance_penalties`).
         """
         penalty = self.decorr_penalty_spec
         if penalty.of_covariance:
             # every covariance penalty goes through the (overridable) decorr_penalty method
             penalty = Penalty(penalty.name, self.decorr_penalty, True, penalty.correction, penalty.description)
+        args = self.args
+        chunk = args.decorr_chunk_size or None
+        precision = args.decorr_precision
+        fused = self._decorr_fused_cov_l1()
         world = world_size()
-        sync = world > 1 and self.args.decorr_sync == "global"
+        sync = world > 1 and args.decorr_sync == "global"
         groups: dict[tuple, list[int]] = {}
         for i, sample in enumerate(samples):
             groups.setdefault(sample.group, []).append(i)
         values: list[torch.Tensor | None] = [None] * len(samples)
         few = []
+        token_global: list[tuple[int, tuple]] = []
+        generator = None
         for members in groups.values():
             xs = [samples[i].x for i in members]
             ms = [samples[i].mask for i in members]
-            if self._decorr_compact_tokens(xs, ms, samples[members[0]].rows_bound):
-                index = ms[0].nonzero().squeeze(-1)
-                xs, ms = [x.index_select(0, index) for x in xs], [None] * len(ms)
+            if penalty.of_covariance and not samples[members[0]].pooled:
+                shared_index = None
+                if not args.decorr_max_samples and self._decorr_compact_tokens(xs, ms, None):
+                    shared_index = ms[0].nonzero().squeeze(-1)  # CPU: the valid rows only, without copying them
+                for i, x, m in zip(members, xs, ms):
+                    index, mask = (shared_index, None) if shared_index is not None else (None, m)
+                    if args.decorr_max_samples:
+                        generator = generator or self._decorr_generator(x.device)
+                        index, mask = self._decorr_subsample(x, m, generator)
+                    if mask is None:
+                        rows = x.shape[0] if index is None else index.shape[0]
+                        if rows < 2 and not sync:
+                            self._decorr_warn_once(
+                                "few", f"decorr: a batch has {rows} sample(s); the penalty needs 2 and is 0 for it"
+                            )
+                    elif not sync:
+                        few.append((mask.sum() < 2).reshape(1).sum())
+                    if sync:
+                        token_global.append((i, (x, mask, index)))
+                    elif fused:
+                        values[i] = cov_l1_lowmem(x, mask, index=index, chunk=chunk, precision=precision)
+                    else:
+                        cov, _ = lowmem_covariance(x, mask, penalty.correction, index=index, chunk=chunk,
+                                                   precision=precision)
+                        values[i] = penalty.fn(cov)
+                continue
             h = xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
             if all(m is None for m in ms):
                 mask = None
@@ -367,6 +435,13 @@ class DecorrTrainerMixin:
                 result = decorrelation_penalty(h, mask, penalty)
             for j, i in enumerate(members):
                 values[i] = result[j]
+        if token_global:
+            results, counts = global_covariance_penalties(
+                [item for _, item in token_global], penalty, chunk=chunk, precision=precision
+            )
+            for (i, _), value, count in zip(token_global, results, counts):
+                values[i] = value
+                few.append((count < 2).reshape(1).sum())
         per_layer = torch.stack(values) if values else torch.zeros(0)
         few_count = torch.stack(few).sum() if few else torch.zeros((), device=per_layer.device)
         return per_layer, few_count
