@@ -24,12 +24,21 @@ import contextlib
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["BlockStack", "find_block_stacks", "resolve_layers", "first_tensor", "HiddenStateCapture"]
+__all__ = [
+    "BlockStack",
+    "CapturedCall",
+    "HiddenStateCapture",
+    "PenaltyGradientReplay",
+    "call_inputs",
+    "find_block_stacks",
+    "first_tensor",
+    "resolve_layers",
+]
 
 _INDEX = re.compile(r"^-?\d+$")
 _QUALIFIED_INDEX = re.compile(r"^(?P<stack>[A-Za-z_][\w.]*):(?P<index>-?\d+)$")
@@ -196,32 +205,99 @@ def first_tensor(output: object) -> torch.Tensor | None:
     return None
 
 
-class HiddenStateCapture:
-    """Forward hooks that record the outputs of named modules.
+#: Keyword arguments with which a call continues an earlier computation (cached decoding inside
+#: ``generate``, a decoder run on precomputed encoder states): such a call brings no new samples.
+CONTINUATION_KEYS = ("past_key_values", "encoder_outputs")
 
-    Modes: ``"off"`` (hooks return at once), ``"train"`` (record outputs produced with
-    autograd enabled; the first call of each module per step wins, so the replays of gradient
-    checkpointing and no-grad reference passes are ignored) and ``"eval"`` (record the last
-    call's output, detached). The recorded tensors are in :attr:`outputs`; :meth:`clear`
-    empties it.
 
-    Lifecycle: the hooks exist only between :meth:`attach` and :meth:`detach`; the trainer
-    uses :meth:`recording`, which attaches them for one forward pass and always removes them,
-    so the model holds no hook between steps (it stays picklable and deep-copyable, and
-    several trainers on one model never stack hooks).
+def call_inputs(args: tuple, kwargs: Mapping[str, object]) -> Mapping[str, object]:
+    """The mask-bearing inputs of one forward call: its keyword arguments, or else the mapping
+    passed as its first positional argument (the ``features`` dict of sentence-transformers)."""
+    if any(isinstance(value, torch.Tensor) for value in kwargs.values()):
+        return dict(kwargs)
+    if args and isinstance(args[0], Mapping):
+        return args[0]
+    return dict(kwargs)
+
+
+@dataclass
+class CapturedCall:
+    """One forward call of the model (the *root* module) during a recorded pass.
+
+    Attributes:
+        inputs: the call's inputs as :func:`call_inputs` finds them (``input_ids``,
+            ``attention_mask``, ...; for sentence-transformers the features dict of one text
+            column or mini-batch); ``None`` for outputs produced outside any call of the root.
+        grad: whether autograd was enabled when the call began.
+        outputs: penalised module name → its output in this call (``(B, p)`` or ``(B, T, p)``);
+            detached when the call ran without autograd or in ``"eval"`` mode.
+        no_grad_layers: modules that ran without autograd inside a grad-enabled call (a reentrant
+            gradient-checkpointing region); their outputs are kept detached.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+    inputs: Mapping[str, object] | None
+    grad: bool
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    no_grad_layers: set[str] = field(default_factory=set)
+
+    @property
+    def continues_earlier_call(self) -> bool:
+        """Whether the call continues an earlier one (``past_key_values`` / ``encoder_outputs`` given)."""
+        return self.inputs is not None and any(self.inputs.get(k) is not None for k in CONTINUATION_KEYS)
+
+
+class HiddenStateCapture:
+    """Forward hooks that record the outputs of named modules, per forward call of the model.
+
+    With a ``root`` module (the unwrapped model), a forward pre-hook on the root opens a
+    :class:`CapturedCall` for every call of the model and keeps that call's mask-bearing inputs,
+    so each captured output can later be pooled with *its own* mask: sentence-transformers runs
+    the model once per text column (and once per mini-batch with cached losses), each call
+    padded to its own length. Outputs produced outside any call of the root (a module run
+    directly, or a root whose ``forward`` is called without ``__call__``, as PEFT does) go to one
+    extra call whose ``inputs`` is ``None`` (the trainer then uses the batch).
+
+    Modes: ``"off"`` (hooks return at once), ``"train"`` and ``"eval"``. In ``"train"`` every call is
+    kept with its autograd state; :meth:`sample_calls` then prefers the grad-enabled calls (the
+    no-grad pass of a cached loss or a reference model is then left out). In ``"eval"`` outputs
+    are detached. :attr:`outputs` keeps the single-call view of earlier versions (train: the first
+    grad-enabled output of each module; eval: the last output).
+
+    ``output_keys`` maps a module name to the key of the tensor to take when the module returns
+    a mapping (sentence-transformers modules return the features dict: ``"token_embeddings"``,
+    ``"sentence_embedding"``); other outputs go through :func:`first_tensor`.
+
+    Lifecycle: the hooks exist only between :meth:`attach` and :meth:`detach`; the trainer
+    uses :meth:`recording`, which attaches them for one pass and always removes them, so the
+    model holds no hook between steps (it stays picklable and deep-copyable, and several
+    trainers on one model never stack hooks).
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        root: nn.Module | None = None,
+        output_keys: Mapping[str, str] | None = None,
+    ) -> None:
         self.modules = dict(modules)
+        self.root = root
+        self.output_keys = dict(output_keys or {})
         self.mode = "off"
         self.outputs: dict[str, torch.Tensor] = {}
         self.ran_without_grad: set[str] = set()
+        self.calls: list[CapturedCall] = []
+        self._orphans: dict[bool, CapturedCall] = {}  # outputs outside any call of the root, by autograd state
+        self._depth = 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._warned_repeat = False
 
     def attach(self) -> None:
         if self._handles:
             return
+        self._depth = 0
+        if self.root is not None:
+            self._handles.append(self.root.register_forward_pre_hook(self._enter_call, with_kwargs=True))
+            self._handles.append(self.root.register_forward_hook(self._exit_call, always_call=True))
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(name)))
 
@@ -229,7 +305,8 @@ class HiddenStateCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.outputs.clear()
+        self._depth = 0
+        self.clear()
 
     @property
     def attached(self) -> bool:
@@ -257,34 +334,187 @@ class HiddenStateCapture:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
+            self._depth = 0
 
     def clear(self) -> None:
         self.outputs.clear()
         self.ran_without_grad.clear()
+        self.calls.clear()
+        self._orphans = {}
+
+    def all_calls(self) -> list[CapturedCall]:
+        """Every recorded call that captured something, in order (the outside-of-any-call one last)."""
+        calls = [c for c in self.calls if c.outputs or c.no_grad_layers]
+        return calls + [c for c in self._orphans.values() if c.outputs or c.no_grad_layers]
+
+    def sample_calls(self) -> list[CapturedCall]:
+        """The calls whose outputs are the samples of this pass.
+
+        Calls that continue an earlier call (``past_key_values`` or ``encoder_outputs`` given, as
+        in ``generate``) are left out. In ``"train"`` recordings, the grad-enabled calls when
+        there is one (a cached loss's no-grad embedding pass is then ignored), else every call.
+        Outputs from outside any call of the root are used only for modules that no call of the
+        root captured.
+        """
+        calls = [c for c in self.calls if (c.outputs or c.no_grad_layers) and not c.continues_earlier_call]
+        covered = {name for c in calls for name in (*c.outputs, *c.no_grad_layers)}
+        for orphan in self._orphans.values():
+            rest = {k: v for k, v in orphan.outputs.items() if k not in covered}
+            if rest:
+                calls.append(CapturedCall(None, orphan.grad, rest))
+        if self._recorded_mode == "train":
+            with_grad = [c for c in calls if c.grad]
+            calls = with_grad or calls
+        return calls
+
+    _recorded_mode = "off"
+
+    def _enter_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.mode == "off":
+            return
+        self._depth += 1
+        if self._depth == 1:
+            self._recorded_mode = self.mode
+            self.calls.append(CapturedCall(call_inputs(args, kwargs), torch.is_grad_enabled()))
+
+    def _exit_call(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self._depth > 0:
+            self._depth -= 1
+
+    def _tensor_of(self, name: str, module: nn.Module, output: object) -> torch.Tensor:
+        key = self.output_keys.get(name)
+        if key is not None and isinstance(output, Mapping):
+            tensor = output.get(key)
+        else:
+            tensor = first_tensor(output)
+        if not isinstance(tensor, torch.Tensor):
+            what = f"no tensor under {key!r}" if key is not None else "no tensor"
+            raise TypeError(
+                f"decorr_layers: module {name!r} ({type(module).__name__}) returned {type(output).__name__}, "
+                f"which holds {what}; choose a module whose output is a hidden-state tensor"
+            )
+        return tensor
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if self.mode == "off":
                 return
-            if self.mode == "train" and not torch.is_grad_enabled():
-                self.ran_without_grad.add(name)
+            self._recorded_mode = self.mode
+            grad = torch.is_grad_enabled()
+            tensor = self._tensor_of(name, module, output)
+            self._record_legacy(name, tensor, grad)
+            if self._depth > 0 and self.calls:
+                call = self.calls[-1]
+            else:
+                key = grad and self.mode == "train"
+                call = self._orphans.get(key)
+                if call is None:
+                    call = self._orphans[key] = CapturedCall(None, key)
+            if self.mode == "train" and call.grad and not grad:
+                # inside a grad-enabled call but without autograd: a reentrant checkpointing region
+                call.no_grad_layers.add(name)
+                call.outputs.setdefault(name, tensor.detach())
                 return
-            tensor = first_tensor(output)
-            if tensor is None:
-                raise TypeError(
-                    f"decorr_layers: module {name!r} ({type(module).__name__}) returned {type(output).__name__}, "
-                    "which holds no tensor; choose a module whose output is a hidden-state tensor"
+            if self.mode == "eval" and call.inputs is None:
+                call.outputs[name] = tensor.detach()  # the last output wins, as in a single pass
+                return
+            if name in call.outputs:
+                if not self._warned_repeat:
+                    self._warned_repeat = True
+                    warnings.warn(
+                        f"decorr_layers: module {name!r} ran more than once in one forward call of the model; the "
+                        "penalty uses its first output of that call",
+                        stacklevel=2,
+                    )
+                return
+            call.outputs[name] = tensor if (grad and self.mode == "train") else tensor.detach()
+
+        return hook
+
+    def _record_legacy(self, name: str, tensor: torch.Tensor, grad: bool) -> None:
+        """:attr:`outputs`: the first grad-enabled output per module (train), the last one (eval)."""
+        if self.mode == "eval":
+            self.outputs[name] = tensor.detach()
+        elif not grad:
+            self.ran_without_grad.add(name)
+        elif name not in self.outputs:
+            self.outputs[name] = tensor
+
+
+class PenaltyGradientReplay:
+    """Add the penalty's gradient to the outputs of a cached loss's grad-enabled replay.
+
+    Cached losses (``CachedMultipleNegativesRankingLoss`` & co., GradCache) embed every
+    mini-batch twice: first without autograd inside the loss's forward, then again with autograd
+    during ``backward``, replaying the same random state. When only the first pass was recorded,
+    the trainer computes the penalty ``P`` and its gradients ``∂P/∂h_c`` with respect to the
+    recorded outputs ``h_c`` of each call ``c``; this object then adds ``upstream · ∂P/∂h_c`` to
+    the gradient of the same module's output in the ``c``-th grad-enabled call of the replay,
+    where ``upstream`` is the gradient that reached the loss (gradient accumulation, loss
+    scaling). The result is the exact gradient of ``P`` computed over all calls at once.
+
+    :meth:`arm` attaches the hooks (called from the loss's backward); they remove themselves after
+    the last expected call, and :meth:`disarm` removes them in any case.
+    """
+
+    def __init__(self, capture: HiddenStateCapture, grads: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        self.capture = capture
+        self.grads = list(grads)
+        self.upstream: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._index = -1
+        self._depth = 0
+        self.injected = 0
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self, upstream: torch.Tensor) -> None:
+        self.disarm()
+        self.upstream = upstream
+        self._index, self._depth = -1, 0
+        root = self.capture.root
+        if root is None:
+            raise RuntimeError("PenaltyGradientReplay needs a capture with a root module")
+        self._handles.append(root.register_forward_pre_hook(self._enter, with_kwargs=True))
+        self._handles.append(root.register_forward_hook(self._exit, always_call=True))
+        for name, module in self.capture.modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._depth += 1
+        if self._depth == 1 and torch.is_grad_enabled():
+            self._index += 1
+
+    def _exit(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0 and self._index >= len(self.grads) - 1:
+            self.disarm()
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if self._depth == 0 or not torch.is_grad_enabled() or not 0 <= self._index < len(self.grads):
+                return
+            grad = self.grads[self._index].get(name)
+            if grad is None:
+                return
+            tensor = self.capture._tensor_of(name, module, output)
+            if tuple(tensor.shape) != tuple(grad.shape):
+                raise RuntimeError(
+                    f"decorr: the cached loss's replay of call {self._index} gave {name!r} the shape "
+                    f"{tuple(tensor.shape)}, but its first pass gave {tuple(grad.shape)}; the penalty's gradient cannot "
+                    "be applied (the loss must replay its mini-batches in the order of its first pass)"
                 )
-            if self.mode == "eval":
-                self.outputs[name] = tensor.detach()
-            elif name not in self.outputs:
-                self.outputs[name] = tensor
-            elif not self._warned_repeat:
-                self._warned_repeat = True
-                warnings.warn(
-                    f"decorr_layers: module {name!r} ran more than once in one training forward; the penalty uses "
-                    "its first output",
-                    stacklevel=2,
-                )
+            if not tensor.requires_grad:
+                return
+            extra = grad * self.upstream.to(grad.dtype)
+            tensor.register_hook(lambda g, extra=extra: g + extra.to(g.dtype))
+            self.injected += 1
 
         return hook

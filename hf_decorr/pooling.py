@@ -18,11 +18,31 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["POOLINGS", "MASK_SOURCES", "pool_hidden", "mask_from_inputs"]
+__all__ = ["MASK_SOURCES", "POOLINGS", "MissingMaskError", "mask_from_inputs", "mask_like_keys", "pool_hidden"]
 
 POOLINGS = ("tokens", "mean", "first", "last")
 MASK_SOURCES = ("attention_mask", "labels")
 IGNORE_INDEX = -100
+
+
+class MissingMaskError(ValueError):
+    """A ``(batch, sequence, p)`` output whose inputs hold masks, none of which is the one to use."""
+
+
+def mask_like_keys(inputs: Mapping[str, object], decoder_side: bool = False) -> list[str]:
+    """Keys of ``inputs`` that look like ``(B, T)`` masks of valid positions (``*mask*`` with a 2-D tensor).
+
+    On the encoder side, keys naming the decoder are left out; on the decoder side only those are kept.
+    Used to refuse counting padding when no usable mask was found.
+    """
+    found = []
+    for key, value in inputs.items():
+        name = str(key).lower()
+        if "mask" not in name or not isinstance(value, torch.Tensor) or value.dim() != 2:
+            continue
+        if ("decoder" in name) == decoder_side:
+            found.append(str(key))
+    return found
 
 
 def _gather_positions(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,12 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_pt_utils import find_batch_size
 from transformers.trainer_utils import unwrap_peft_model
 
-from .capture import HiddenStateCapture, resolve_layers
+from .capture import (
+    CapturedCall,
+    HiddenStateCapture,
+    PenaltyGradientReplay,
+    resolve_layers,
+)
 from .config import DecorrConfig
 from .distributed import (
     choose_strategy,
@@ -63,7 +68,7 @@ from .penalties import (
     decorrelation_penalty,
     get_penalty,
 )
-from .pooling import mask_from_inputs, pool_hidden
+from .pooling import MissingMaskError, mask_from_inputs, mask_like_keys, pool_hidden
 
 __all__ = ["DecorrTrainerMixin", "DecorrTrainer", "DecorrSeq2SeqTrainer", "DecorrSamples", "MODEL_TAG"]
 
@@ -116,6 +121,38 @@ class _LogWindow:
         self.weight_sum += weight
 
 
+def _reentrant_message(name: str) -> str:
+    return (
+        f"decorr_layers: module {name!r} ran without autograd in the training forward, so the penalty cannot train "
+        "anything through it: it runs inside a reentrant gradient-checkpointing region (use "
+        "gradient_checkpointing_kwargs={'use_reentrant': False}, or penalise the whole block) or under torch.no_grad"
+    )
+
+
+class _ArmReplay(torch.autograd.Function):
+    """Identity on the loss; its backward arms the replay hooks before the cached loss's own hook replays."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, replay: PenaltyGradientReplay) -> torch.Tensor:
+        ctx.replay = replay
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.replay.arm(grad.detach())
+        return grad, None
+
+
+def _not_a_trainer(name: str, base: type | None) -> str:
+    what = f"{base.__module__}.{base.__qualname__} is not one" if base is not None else "it is not one"
+    return (
+        f"{name}: DecorrTrainerMixin works only on subclasses of transformers.Trainer, and {what}. "
+        "For SetFit, keep setfit.Trainer and call hf_decorr.setfit.decorr_setfit_trainer(trainer, decorr_weight=...), "
+        "which makes its embedding phase (a sentence-transformers trainer) train with the penalty; for "
+        "sentence-transformers use hf_decorr.sentence_transformers.DecorrSentenceTransformerTrainer."
+    )
+
+
 class DecorrTrainerMixin:
     """Mix into any ``transformers.Trainer`` subclass, *before* it in the bases.
 
@@ -135,8 +172,20 @@ class DecorrTrainerMixin:
 
     args: DecorrConfig
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if issubclass(cls, Trainer):
+            return
+        # a class that mixes in a trainer-like class (it has `train`) that is not a transformers.Trainer
+        foreign = [base for base in cls.__mro__[1:]
+                   if base is not object and not issubclass(base, DecorrTrainerMixin) and hasattr(base, "train")]
+        if foreign:
+            raise TypeError(_not_a_trainer(cls.__name__, foreign[0]))
+
     def __init__(self, *args, decorr_penalty_fn: Penalty | Callable[[torch.Tensor], torch.Tensor] | None = None,
                  **kwargs) -> None:
+        if not isinstance(self, Trainer):
+            raise TypeError(_not_a_trainer(type(self).__name__, None))
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, DecorrConfig):
             raise TypeError(
@@ -192,8 +241,15 @@ class DecorrTrainerMixin:
 
         Args:
             layer: the module's name, relative to the unwrapped model (see :attr:`decorr_layer_names`).
-            output: the module's output tensor, ``(B, p)`` or ``(B, T, p)``; it carries the graph.
-            inputs: the batch given to the model (``input_ids``, ``attention_mask``, ``labels``, ...).
+            output: the module's output tensor in one forward call of the model, ``(B, p)`` or
+                ``(B, T, p)``; it carries the graph.
+            inputs: the inputs of *that call* (its keyword arguments: ``input_ids``,
+                ``attention_mask``, ``labels``, ...; for sentence-transformers the features dict of
+                one text column or mini-batch). When the call could not be observed (a model whose
+                ``forward`` is invoked without ``__call__``), the batch given to the trainer.
+
+        This method runs once per forward call of the model in the step; the samples of all
+        calls of a layer are concatenated into one covariance.
 
         Returns:
             ``(x, mask)``: samples ``x`` of shape ``(N, p)`` and their validity ``mask`` (bool or
@@ -207,6 +263,15 @@ class DecorrTrainerMixin:
         """
         decoder = self._decorr_decoder_side.get(layer, False)
         mask = mask_from_inputs(inputs, decoder_side=decoder, source=self.args.decorr_mask)
+        if mask is None and output.dim() == 3:
+            candidates = mask_like_keys(inputs, decoder_side=decoder)
+            if candidates:
+                raise MissingMaskError(
+                    f"decorr: the (batch, sequence, p) output of {layer!r} needs a mask of its valid positions, but its "
+                    f"forward call has no {'decoder_attention_mask or labels' if decoder else 'attention_mask'}; keys "
+                    f"that look like masks: {candidates}. Padding is never counted as samples: pass the mask to the "
+                    "model as attention_mask, or override decorr_samples to choose it"
+                )
         return pool_hidden(output, mask, self.args.decorr_pooling, layer)
 
     def decorr_penalty(self, covariance: torch.Tensor) -> torch.Tensor:
@@ -243,16 +308,21 @@ class DecorrTrainerMixin:
         base = self._decorr_unwrap(model)
         if self._decorr_hooked is base:
             return base
-        names = resolve_layers(base, self.args.decorr_layers)
+        names, output_keys = self._decorr_resolve_layers(base)
         modules = dict(base.named_modules())
         encoder_decoder = bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
         self._decorr_layer_names = names
         self._decorr_decoder_side = {
             name: encoder_decoder and any(part.startswith("decoder") for part in name.split(".")) for name in names
         }
-        self._decorr_capture = HiddenStateCapture({name: modules[name] for name in names})
+        self._decorr_capture = HiddenStateCapture({name: modules[name] for name in names}, root=base,
+                                                  output_keys=output_keys)
         self._decorr_hooked = base
         return base
+
+    def _decorr_resolve_layers(self, model: nn.Module) -> tuple[list[str], dict[str, str]]:
+        """Module names for ``decorr_layers`` and, per name, the key of its tensor when it returns a mapping."""
+        return resolve_layers(model, self.args.decorr_layers), {}
 
     @property
     def decorr_layer_names(self) -> list[str]:
@@ -261,6 +331,7 @@ class DecorrTrainerMixin:
 
     def remove_decorr_hooks(self) -> None:
         """Remove any hook of this trainer from the model (they exist only during a forward pass anyway)."""
+        self._decorr_disarm_replay()
         if self._decorr_capture is not None:
             self._decorr_capture.detach()
 
@@ -269,45 +340,74 @@ class DecorrTrainerMixin:
             self._decorr_warned.add(key)
             warnings.warn(message, stacklevel=3)
 
-    def _decorr_samples(self, captured: dict[str, torch.Tensor], inputs: dict, strict: bool) -> list[DecorrSamples]:
-        """Call :meth:`decorr_samples` for every captured output, in layer order."""
-        out = []
+    def _decorr_call_samples(
+        self, calls: list[CapturedCall], inputs: Mapping[str, Any], strict: bool
+    ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None, bool]]]:
+        """``layer → [(x, mask, pooled) per call]``: :meth:`decorr_samples` on every output, with its call's inputs."""
+        out: dict[str, list[tuple[torch.Tensor, torch.Tensor | None, bool]]] = {}
         for name in self._decorr_layer_names:
-            hidden = captured.get(name)
-            if hidden is None:
-                if strict and name in self._decorr_capture.ran_without_grad:
-                    raise RuntimeError(
-                        f"decorr_layers: module {name!r} ran without autograd in the training forward, so the penalty "
-                        "cannot train anything through it: it runs inside a reentrant gradient-checkpointing region "
-                        "(use gradient_checkpointing_kwargs={'use_reentrant': False}, or penalise the whole block) or "
-                        "under torch.no_grad"
+            parts = []
+            seen = False
+            for call in calls:
+                hidden = call.outputs.get(name)
+                if hidden is None:
+                    continue
+                seen = True
+                try:
+                    x, mask = self.decorr_samples(name, hidden, call.inputs if call.inputs is not None else inputs)
+                except MissingMaskError:
+                    raise
+                except ValueError:
+                    if strict:
+                        raise
+                    self._decorr_warn_once(
+                        f"eval-shape-{name}",
+                        f"decorr: skipping {name!r} for an evaluation batch whose output shape {tuple(hidden.shape)} "
+                        "does not fit the batch's mask (e.g. a generation step)",
                     )
+                    continue
+                if x.dim() != 2 or (mask is not None and mask.shape != x.shape[:1]):
+                    raise ValueError(
+                        f"decorr_samples({name!r}) must return samples of shape (N, p) and a mask of shape (N,) or "
+                        f"None; got {tuple(x.shape)} and {None if mask is None else tuple(mask.shape)}"
+                    )
+                if mask is not None:
+                    mask = mask.to(device=x.device, dtype=torch.bool)
+                parts.append((x, mask, hidden.dim() == 2 or self.args.decorr_pooling != "tokens"))
+            if not seen:
+                if strict and name in self._decorr_capture.ran_without_grad:
+                    raise RuntimeError(_reentrant_message(name))
                 if strict:
                     raise RuntimeError(
                         f"decorr_layers: module {name!r} did not run during the forward pass, so it cannot be "
                         "penalised; choose a module that the model's forward uses"
                     )
                 continue
-            try:
-                x, mask = self.decorr_samples(name, hidden, inputs)
-            except ValueError:
-                if strict:
-                    raise
-                self._decorr_warn_once(
-                    f"eval-shape-{name}",
-                    f"decorr: skipping {name!r} for an evaluation batch whose output shape {tuple(hidden.shape)} does "
-                    "not fit the batch's mask (e.g. a generation step)",
-                )
-                continue
-            if x.dim() != 2 or (mask is not None and mask.shape != x.shape[:1]):
-                raise ValueError(
-                    f"decorr_samples({name!r}) must return samples of shape (N, p) and a mask of shape (N,) or None; "
-                    f"got {tuple(x.shape)} and {None if mask is None else tuple(mask.shape)}"
-                )
-            if mask is not None:
-                mask = mask.to(device=x.device, dtype=torch.bool)
-            pooled = hidden.dim() == 2 or self.args.decorr_pooling != "tokens"
-            rows_bound = self.args.per_device_train_batch_size if pooled else None
+            if parts:
+                out[name] = parts
+        return out
+
+    def _decorr_samples(
+        self, captured: list[CapturedCall] | Mapping[str, torch.Tensor], inputs: Mapping[str, Any], strict: bool
+    ) -> list[DecorrSamples]:
+        """The samples of every penalised layer, in layer order: the valid samples of all its calls, concatenated.
+
+        ``captured``: the recorded calls, or a mapping ``layer → output`` (one call with ``inputs``).
+        """
+        if isinstance(captured, Mapping):
+            captured = [CapturedCall(None, True, dict(captured))]
+        out = []
+        for name, parts in self._decorr_call_samples(captured, inputs, strict).items():
+            x, mask, pooled = parts[0]
+            if len(parts) > 1:
+                x = torch.cat([part[0] for part in parts])
+                if any(part[1] is not None for part in parts):
+                    mask = torch.cat([
+                        torch.ones(part[0].shape[0], dtype=torch.bool, device=x.device) if part[1] is None else part[1]
+                        for part in parts
+                    ])
+            # pooled rows from one call are bounded by the batch size on every process; several calls are not
+            rows_bound = self.args.per_device_train_batch_size if pooled and len(parts) == 1 else None
             out.append(DecorrSamples(name, x, mask, pooled, self._decorr_decoder_side.get(name, False), rows_bound))
         return out
 
@@ -475,6 +575,7 @@ class DecorrTrainerMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        self._decorr_check_last_replay()
         with capture.recording("train"):
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -482,19 +583,34 @@ class DecorrTrainerMixin:
         loss, outputs = result if return_outputs else (result, None)
         weights = self._decorr_layer_weights(self.state.global_step)
         active = any(w > 0 for w in weights)
-        captured = dict(capture.outputs)
-        if active:
-            for name, hidden in captured.items():
-                if not hidden.requires_grad:
-                    raise RuntimeError(
-                        f"decorr_layers: the output of {name!r} does not require grad, so the penalty cannot train "
-                        "anything through it: no trainable parameter feeds it (frozen layers, or PEFT adapters only "
-                        "above it)"
-                    )
-        else:
-            captured = {name: hidden.detach() for name, hidden in captured.items()}
+        calls = capture.sample_calls()
+        # every call ran without autograd, and the loss still trains: a cached loss (GradCache), which embeds
+        # again with autograd during backward; the penalty's gradient is then applied to that replay
+        replay = active and bool(calls) and not any(call.grad for call in calls)
         try:
-            samples = self._decorr_samples(captured, inputs, strict=True)
+            if replay:
+                if not loss.requires_grad:
+                    raise RuntimeError(
+                        "decorr_weight > 0, but no forward call of the model in this training step ran with autograd, "
+                        f"so the penalty cannot train anything through {self._decorr_layer_names}: the model runs "
+                        "under torch.no_grad or inference_mode"
+                    )
+                calls = [CapturedCall(c.inputs, True, {n: h.detach().requires_grad_(True) for n, h in c.outputs.items()})
+                         for c in calls]
+            elif active:
+                for call in calls:
+                    for name, hidden in call.outputs.items():
+                        if name in call.no_grad_layers:
+                            raise RuntimeError(_reentrant_message(name))
+                        if not hidden.requires_grad:
+                            raise RuntimeError(
+                                f"decorr_layers: the output of {name!r} does not require grad, so the penalty cannot "
+                                "train anything through it: no trainable parameter feeds it (frozen layers, or PEFT "
+                                "adapters only above it)"
+                            )
+            else:
+                calls = [CapturedCall(c.inputs, c.grad, {n: h.detach() for n, h in c.outputs.items()}) for c in calls]
+            samples = self._decorr_samples(calls, inputs, strict=True)
         finally:
             capture.clear()
         per_layer, few = self._decorr_penalties(samples)
@@ -508,10 +624,41 @@ class DecorrTrainerMixin:
                 weighted = weights[0] * per_layer.sum()
             else:
                 weighted = (per_layer * per_layer.new_tensor(weights)).sum()
-            loss = loss + (scale * weighted).to(loss.dtype)
+            term = scale * weighted
+            if replay:
+                leaves = [(i, name, h) for i, call in enumerate(calls) for name, h in call.outputs.items()]
+                grads = torch.autograd.grad(term, [h for _, _, h in leaves], allow_unused=True)
+                per_call: list[dict[str, torch.Tensor]] = [{} for _ in calls]
+                for (i, name, _), grad in zip(leaves, grads):
+                    if grad is not None:
+                        per_call[i][name] = grad
+                self._decorr_replay = PenaltyGradientReplay(capture, per_call)
+                loss = _ArmReplay.apply(loss, self._decorr_replay) + term.detach().to(loss.dtype)
+                per_layer = per_layer.detach()
+            else:
+                loss = loss + term.to(loss.dtype)
         self._decorr_window.add(task.float(), per_layer.detach().float(), few, sum(weights) / max(1, len(weights)),
                                 self.state.global_step)
         return (loss, outputs) if return_outputs else loss
+
+    _decorr_replay: PenaltyGradientReplay | None = None
+
+    def _decorr_disarm_replay(self) -> None:
+        if self._decorr_replay is not None:
+            self._decorr_replay.disarm()
+
+    def _decorr_check_last_replay(self) -> None:
+        """A cached-loss step's penalty gradient must have reached a grad-enabled replay of its calls."""
+        replay, self._decorr_replay = self._decorr_replay, None
+        if replay is None:
+            return
+        replay.disarm()
+        if replay.upstream is not None and replay.injected == 0:
+            raise RuntimeError(
+                "decorr_weight > 0, but no forward call of the model ran with autograd in the last training step: "
+                "neither in the loss's forward nor replayed during its backward (as cached losses do), so the penalty "
+                f"trained nothing through {self._decorr_layer_names}. Run the model with autograd enabled"
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._decorr_window.micro:
@@ -549,7 +696,7 @@ class DecorrTrainerMixin:
         capture = self._decorr_capture
         with capture.recording("eval"):
             result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **kwargs)
-        captured = dict(capture.outputs)
+        calls = capture.sample_calls()
         capture.clear()
         # With several processes and even_batches, accelerate completes the last batch with samples from
         # the start of the set; gather_for_metrics keeps the first `remainder` samples of the rank-major
@@ -560,20 +707,21 @@ class DecorrTrainerMixin:
             batch = find_batch_size(inputs)
             if batch and state.remainder > 0:
                 keep = real_samples_in_batch(state.remainder, accelerator.process_index, batch)
-        for sample in self._decorr_samples(captured, inputs, strict=False):
-            mask = sample.mask
-            if keep is not None and keep < batch:
-                rows = sample.x.shape[0]
-                if rows % batch:
-                    self._decorr_warn_once(
-                        f"eval-dup-{sample.layer}",
-                        f"decorr: cannot tell which of the {rows} samples of {sample.layer!r} belong to which of the "
-                        f"{batch} examples of the padded last evaluation batch; its duplicated examples are counted",
-                    )
-                else:  # rows are example-major: row k belongs to example k // (rows / batch)
-                    real = torch.arange(rows, device=sample.x.device) < keep * (rows // batch)
-                    mask = real if mask is None else mask.to(torch.bool) & real
-            stats.setdefault(sample.layer, CovarianceAccumulator()).update(sample.x, mask)
+        for name, parts in self._decorr_call_samples(calls, inputs, strict=False).items():
+            for x, mask, _ in parts:  # every call of the model, into the layer's one accumulator
+                if keep is not None and keep < batch:
+                    rows = x.shape[0]
+                    if rows % batch:
+                        self._decorr_warn_once(
+                            f"eval-dup-{name}",
+                            f"decorr: cannot tell which of the {rows} samples of {name!r} belong to which of the "
+                            f"{batch} examples of the padded last evaluation batch; its duplicated examples are "
+                            "counted",
+                        )
+                    else:  # rows are example-major: row k belongs to example k // (rows / batch)
+                        real = torch.arange(rows, device=x.device) < keep * (rows // batch)
+                        mask = real if mask is None else mask.to(torch.bool) & real
+                stats.setdefault(name, CovarianceAccumulator()).update(x, mask)
         return result
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
