@@ -157,7 +157,7 @@ class DecorrConfig:
         default=0,
         metadata={
             "help": "Rows (and covariance columns) processed at a time by the penalty, a multiple of 8; bounds its "
-            "transient memory to about 8·chunk·p bytes. 0: about 4 MiB of float32 per chunk."
+            "transient memory to a few times 4·chunk·p bytes. 0: chunks of about 32 MiB of float32 (chunk·p = 2^23)."
         },
     )
 

@@ -58,7 +58,7 @@ PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 #: what ``"auto"`` means on CUDA (chosen by the emulated error table in docs/PERFORMANCE.md)
 DEFAULT_CUDA_PRECISION = "bf16"
 #: the float32 bytes of one chunk of centred rows (and one column block of C) when ``chunk`` is not given
-DEFAULT_CHUNK_BYTES = 1 << 22
+DEFAULT_CHUNK_BYTES = 1 << 25
 
 
 def round_to_precision(x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -162,11 +162,17 @@ def _rows(h: torch.Tensor, index: torch.Tensor | None, start: int, stop: int) ->
 
 
 def _centred(h, m, index, mean, start, stop, cdtype) -> torch.Tensor:
-    """``c = m ⊙ (h − μ)`` for rows ``start:stop`` of the samples, in ``cdtype`` (masked rows exactly 0, NaN too)."""
-    rows = _rows(h, index, start, stop).to(cdtype)
-    c = rows - mean.unsqueeze(-2)
+    """``c = m ⊙ (h − μ)`` for rows ``start:stop`` of the samples, in ``cdtype`` (masked rows exactly 0, NaN too).
+
+    One new ``(..., rows, p)`` tensor: the upcast copy is centred and masked in place.
+    """
+    c = _rows(h, index, start, stop).to(cdtype, copy=True)
+    mean = mean.unsqueeze(-2)
+    c = c.sub_(mean) if torch.broadcast_shapes(c.shape, mean.shape) == c.shape else c - mean
     if m is not None:
-        c = torch.where(m[..., start:stop].unsqueeze(-1), c, c.new_zeros(()))
+        invalid = ~m[..., start:stop].unsqueeze(-1)
+        c = c.masked_fill_(invalid, 0.0) if torch.broadcast_shapes(c.shape, invalid.shape) == c.shape \
+            else c.masked_fill(invalid, 0.0)
     return c
 
 

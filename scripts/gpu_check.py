@@ -7,6 +7,10 @@ Modes:
   (float32 with TF32 off: 1e-5 relative; the error with TF32 on is printed); bf16 inputs too.
   (2) ``DecorrTrainer`` steps under bf16 autocast (``bf16=True``) and with bf16 weights: the
   penalty is finite and float32, the loss finite. (3) ``eval_decorr_*`` on CUDA equal the CPU ones.
+* ``llm``: a ~1.1B-parameter Llama (hidden 2048, 22 layers) from a config in bf16 with non-reentrant
+  checkpointing, 8k tokens, every layer penalised: step time and peak memory of the old penalty path and of
+  each ``decorr_precision`` against a plain Trainer, and the error of each precision against float64 on the
+  model's own hidden states (writes ``<out>/llm_check.json``).
 * ``launched --recipe NAME``: under ``accelerate launch --config_file recipes/accelerate/NAME.yaml``
   with any number of processes. Evaluates, then trains one SGD step of a tiny BERT on a global
   batch of 8 (``8 / W`` per process); rank 0 writes ``<out>/NAME_W<W>.pt``. With ``W ≥ 2`` it also
@@ -262,9 +266,109 @@ def launched(recipe: str, out_dir: str) -> None:
         dist.barrier()
 
 
+def llm(out_dir: str, tokens: int = 8192) -> None:
+    """A ~1B-parameter Llama (TinyLlama's shape) from a config, bf16 weights, non-reentrant checkpointing,
+    ``tokens`` tokens, ``decorr_layers=["all"]``: step time (forward + backward, median of 3 after a warm-up) and
+    peak allocated memory of each variant against a plain Trainer; the penalty of every ``decorr_precision``
+    against float64 on the model's own hidden states (value 1e-4, gradient 1%)."""
+    import json
+    import statistics
+
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from hf_decorr.gram import cov_l1_lowmem
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from llm_scale import OldPathTrainer
+
+    small = DEVICE == "cpu"  # dry run: a tiny model, the same code
+    cfg = LlamaConfig(vocab_size=32000 if not small else 256, hidden_size=2048 if not small else 64,
+                      intermediate_size=5632 if not small else 128, num_hidden_layers=22 if not small else 2,
+                      num_attention_heads=32 if not small else 4, num_key_value_heads=4 if not small else 2,
+                      max_position_embeddings=max(tokens, 2048))
+    tokens = tokens if not small else 256
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device=DEVICE, dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), device=DEVICE)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    results = {"params": params, "tokens": tokens}
+    variants = [("plain", None), ("old", "fp32"), ("fp32", "fp32"), ("tf32", "tf32"), ("bf16", "bf16"),
+                ("auto", "auto")]
+    for name, precision in variants:
+        if name == "plain":
+            trainer = Trainer(model=model, args=TrainingArguments(output_dir=out_dir, report_to=[],
+                                                                  use_cpu=small))
+        else:
+            args = DecorrTrainingArguments(output_dir=out_dir, report_to=[], use_cpu=small, decorr_layers=["all"],
+                                           decorr_eval_metrics=False, decorr_precision=precision)
+            trainer = (OldPathTrainer if name == "old" else DecorrTrainer)(model=model, args=args)
+        times = []
+        try:
+            for i in range(4):
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                trainer.compute_loss(model, inputs).backward()
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+                model.zero_grad(set_to_none=True)
+            peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
+            results[name] = {"seconds": statistics.median(times[1:]), "peak_GiB": peak / 2**30}
+        except torch.OutOfMemoryError as exc:
+            results[name] = {"error": f"out of memory: {exc}"[:200]}
+            model.zero_grad(set_to_none=True)
+        if hasattr(trainer, "remove_decorr_hooks"):
+            trainer.remove_decorr_hooks()
+        del trainer
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  llm {name}: {results[name]}", flush=True)
+    base = results["plain"]
+    for name, _ in variants[1:]:
+        if "seconds" in results[name]:
+            results[name]["time_ratio"] = results[name]["seconds"] / base["seconds"]
+            if base["peak_GiB"]:
+                results[name]["peak_ratio"] = results[name]["peak_GiB"] / base["peak_GiB"]
+    check("llm/new path runs with all layers", all("seconds" in results[n] for n, _ in variants[2:]))
+    # precision of each option against float64 on this model's hidden states
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: captured.append((o[0] if isinstance(o, tuple) else o)
+                                                                         .detach().reshape(-1, cfg.hidden_size)))
+             for layer in model.model.layers[-2:]]
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    errors = {}
+    for i, h in enumerate(captured):
+        ref_h = h.double().requires_grad_()
+        ref = cov_l1_lowmem(ref_h)
+        ref.backward()
+        for precision in ("fp32", "tf32", "bf16", "auto"):
+            x = h.float().requires_grad_()  # a float32 gradient: its own rounding is not the Gram's error
+            value = cov_l1_lowmem(x, precision=precision)
+            value.backward()
+            errors[f"layer{i}/{precision}"] = (abs(float(value) - float(ref)) / abs(float(ref)), rel(x.grad, ref_h.grad))
+    results["precision"] = errors
+    for key, (value_err, grad_err) in errors.items():
+        print(f"  llm precision {key}: value {value_err:.2e}, gradient {grad_err:.2e}", flush=True)
+        if key.endswith("auto"):
+            check(f"llm/{key} within 1e-4 (value) and 1% (gradient)", value_err <= 1e-4 and grad_err <= 1e-2,
+                  f"{value_err:.2e}, {grad_err:.2e}")
+    with open(os.path.join(out_dir, "llm_check.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    print("  llm results: " + json.dumps(results), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["single", "launched"])
+    parser.add_argument("mode", choices=["single", "launched", "llm"])
+    parser.add_argument("--tokens", type=int, default=8192, help="llm mode: tokens per step")
     parser.add_argument("--recipe", default="ddp")
     parser.add_argument("--out", default=tempfile.gettempdir())
     parser.add_argument("--dry-run-cpu", action="store_true", help="the CPU stands in for the GPU (checks the script)")
@@ -273,7 +377,10 @@ def main() -> None:
     DEVICE = "cpu" if cli.dry_run_cpu else "cuda"
     os.makedirs(cli.out, exist_ok=True)
     try:
-        single() if cli.mode == "single" else launched(cli.recipe, cli.out)
+        if cli.mode == "llm":
+            llm(cli.out, cli.tokens)
+        else:
+            single() if cli.mode == "single" else launched(cli.recipe, cli.out)
     except Exception as exc:
         check(f"{cli.mode}/{cli.recipe}", False, f"{type(exc).__name__}: {exc}")
         raise

@@ -11,6 +11,8 @@
 # skipped without it), and no network (the models are tiny BERTs built from configs). Steps:
 #   1. one process: every penalty and gradient on CUDA vs CPU (TF32 off), bf16 autocast and bf16-weight
 #      DecorrTrainer steps (penalty finite and float32), eval_decorr_* on CUDA vs CPU;
+#   1b. LLM scale: a ~1B Llama from a config (bf16, checkpointing, 8k tokens, all layers): step time and peak
+#      memory of the penalty paths against a plain Trainer, and each decorr_precision against float64;
 #   2. accelerate launch, 1 process, recipes/accelerate/ddp.yaml and fsdp.yaml (FSDP2): evaluate + one step,
 #      hooks on the (sharded) modules, penalty logged; DeepSpeed ZeRO-2/3 recipes if deepspeed is installed;
 #   3. with >= 2 GPUs only: the same over 2 processes (NCCL), compared with the 1-process step on the same
@@ -31,7 +33,7 @@ step() {  # step <name> <timeout s> <command...>
     local name=$1 limit=$2; shift 2
     echo "=== $name" | tee -a "$LOG"
     local t0=$(date +%s)
-    timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -E "PASS|FAIL|passed|failed|Error|  (ddp|fsdp|deepspeed|bf16|cuda_vs)"
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -E "PASS|FAIL|passed|failed|Error|  (ddp|fsdp|deepspeed|bf16|cuda_vs|llm)"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc in $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
     [ "$rc" -eq 0 ] || failures=$((failures + 1))
@@ -65,6 +67,8 @@ elif [ "$NGPU" -lt 1 ]; then
 fi
 
 step "single process: CUDA vs CPU, bf16, eval metrics" 240 "$PYTHON" scripts/gpu_check.py single --out "$WORK" $DRY
+step "LLM scale: ~1B Llama, bf16, checkpointing, 8k tokens, all layers" 300 \
+    "$PYTHON" scripts/gpu_check.py llm --out "$RESULTS" $DRY
 launch ddp 1
 launch fsdp 1
 if "$PYTHON" -c "import deepspeed" 2>/dev/null; then

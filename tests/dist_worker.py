@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from hf_decorr.distributed import (  # noqa: E402
+    global_covariance_penalties,
     global_penalty_with_count,
     rank,
     sum_accumulators,
@@ -158,6 +159,41 @@ def naive_gather_penalty(shards) -> dict[str, object]:
     return {"values": values.detach(), "grads": {n: p.grad.clone() for n, p in model.module.named_parameters()}}
 
 
+BUCKET_KINDS = ("cov_l1", "decov")
+
+
+def _three_layers(h: torch.Tensor) -> list[torch.Tensor]:
+    """Layers of widths W, 2W, W from the two outputs of TwoLayers (different widths in one bucket list)."""
+    return [h[0], torch.cat([h[0], h[1] * 0.5 - h[0]], dim=-1), h[1]]
+
+
+def bucketed_penalties(shards, bucket_bytes: int) -> dict[str, dict[str, object]]:
+    """Three token layers through the bucketed global path, chunks of 8 rows (N_r = 15 and 14)."""
+    x, m = _flat(*shards[rank()])
+    out = {}
+    for kind in BUCKET_KINDS:
+        model = nn.parallel.DistributedDataParallel(TwoLayers())
+        items = [(layer, m, None) for layer in _three_layers(model(x))]
+        values, counts = global_covariance_penalties(items, kind, chunk=8, bucket_bytes=bucket_bytes)
+        torch.stack(values).sum().backward()
+        out[kind] = {"values": torch.stack(values).detach(), "count": torch.stack(counts),
+                     "grads": {n: p.grad.clone() for n, p in model.module.named_parameters()}}
+    return out
+
+
+def bucketed_reference(shards) -> dict[str, dict[str, object]]:
+    """One process, the concatenated batch, the plain penalty of each of the three layers."""
+    xs, ms = zip(*(_flat(x, m) for x, m in shards))
+    x, mask = torch.cat(xs), torch.cat(ms)
+    out = {}
+    for kind in BUCKET_KINDS:
+        model = TwoLayers()
+        values = torch.stack([decorrelation_penalty(layer, mask, kind) for layer in _three_layers(model(x))])
+        values.sum().backward()
+        out[kind] = {"values": values.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+    return out
+
+
 def accumulator_sums() -> dict[str, list[float]]:
     """Layer 'a' on both processes, 'b' only on process 1, 'c' on none: summed statistics."""
     g = torch.Generator().manual_seed(3 + rank())
@@ -194,6 +230,8 @@ def run_penalties() -> dict[str, object]:
         "tokens/local": distributed_penalties(tokens, "local"),
         "pooled/local": distributed_penalties(pooled, "local"),
         "naive": naive_gather_penalty(pooled),
+        "bucketed/one-per-layer": bucketed_penalties(tokens, bucket_bytes=1),
+        "bucketed/one-bucket": bucketed_penalties(tokens, bucket_bytes=1 << 26),
         "accumulators": accumulator_sums(),
         "fsdp2/tokens": fsdp2_step("tokens"),
         "fsdp2/mean": fsdp2_step("mean"),

@@ -124,6 +124,23 @@ def test_global_equals_one_process_on_the_whole_batch(two, case, kind):
     assert torch.equal(two[0]["penalties"][case][kind]["values"], two[1]["penalties"][case][kind]["values"])
 
 
+@pytest.mark.parametrize("kind", w.BUCKET_KINDS)
+@pytest.mark.parametrize("case", ["bucketed/one-per-layer", "bucketed/one-bucket"])
+def test_bucketed_global_sync_equals_one_process(two, case, kind):
+    """Three layers (widths 16, 32, 16), rows in chunks of 8: one all-reduce per layer (asynchronous, overlapped
+    with the next layer's Gram) or one for all; both equal one process on the concatenated batch."""
+    shards = w.token_shards()
+    want = w.bucketed_reference(shards)[kind]
+    expected = sum(int(m.sum()) for _, m in shards)
+    for result in two:
+        got = result["penalties"][case][kind]
+        assert got["values"].shape == (3,)
+        assert rel(got["values"], want["values"]) <= TOL, (got["values"], want["values"])
+        assert_grads_close(got["grads"], want["grads"])
+        assert got["count"].tolist() == [expected] * 3
+    assert torch.equal(two[0]["penalties"][case][kind]["values"], two[1]["penalties"][case][kind]["values"])
+
+
 @pytest.mark.parametrize("kind", w.KINDS)
 @pytest.mark.parametrize("layout", ["tokens", "pooled"])
 def test_local_is_the_mean_of_per_shard_penalties(two, layout, kind):
