@@ -16,10 +16,15 @@ headless machines. Inputs may be NumPy arrays, torch tensors or nested lists.
   points ordered by λ, with mean ± std error bars over repeated runs (the paper's Figs. 2–3).
 * :func:`plot_histories`: values against training step or epoch (convergence checks).
 * :func:`new_figure`, :func:`save_figure` (atomic PNG write).
+* Layer by layer (``hf-decorr`` command, recipes, TensorBoard): :func:`plot_correlation_map`
+  (``|R|`` with units ordered by variance), :func:`plot_spectrum_curves` (spectra as lines),
+  :func:`plot_layer_metrics` (metrics over depth, one line per run), :func:`plot_layer_pair`
+  (one layer of several runs side by side), :func:`figure_to_rgb` (an image array).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,6 +51,13 @@ __all__ = [
     "plot_spectra",
     "plot_metric_curves",
     "plot_histories",
+    "require_matplotlib",
+    "variance_order",
+    "plot_correlation_map",
+    "plot_spectrum_curves",
+    "plot_layer_metrics",
+    "plot_layer_pair",
+    "figure_to_rgb",
 ]
 
 SPECTRUM_KINDS = ("variance", "eigenvalues")
@@ -378,3 +390,191 @@ def plot_histories(
     if len(histories) > 1:
         ax.legend(fontsize=7)
     return ax
+
+
+# ------------------------------------------------------------------------- layer-by-layer figures
+
+
+def require_matplotlib() -> None:
+    """Raise ``ImportError`` with the install command (``pip install 'hf-decorr[plots]'``) if matplotlib is missing."""
+    _require_matplotlib()
+
+
+def variance_order(cov: Any) -> np.ndarray:
+    """Unit indices ``(p,)`` sorted by decreasing variance ``diag C`` (ties keep their order)."""
+    c = _square(cov)
+    return np.argsort(-np.diag(c), kind="stable")
+
+
+def plot_correlation_map(
+    cov: Any,
+    ax: Axes | None = None,
+    *,
+    title: str | None = None,
+    order_by_variance: bool = True,
+    max_units: int | None = None,
+    colorbar: bool = True,
+    gamma: float = 0.5,
+) -> Axes:
+    """Heat map of ``|R|`` (``R = C / √(diag C diag Cᵀ)``, dead units 0) on a fixed ``[0, 1]`` scale.
+
+    ``cov`` is ``(p, p)``. With ``order_by_variance`` the rows and columns are the units sorted by
+    decreasing variance, so the units that carry the variance come first (top-left);
+    ``max_units`` keeps only that many of them. The colours follow ``|R|^gamma`` (0.5 by default:
+    a square-root scale that makes the small correlations of a wide layer visible; 1 is linear),
+    the colour bar is labelled in ``|R|``.
+    """
+    _require_matplotlib()
+    from matplotlib.colors import PowerNorm
+
+    c = _square(cov)
+    if order_by_variance:
+        order = variance_order(c)
+        c = c[np.ix_(order, order)]
+    if max_units is not None:
+        c = c[:max_units, :max_units]
+    r = np.abs(correlation_from_covariance(c))
+    ax = _axes(ax)
+    image = ax.imshow(r, cmap="magma", norm=PowerNorm(gamma, vmin=0.0, vmax=1.0), interpolation="nearest",
+                      aspect="equal")
+    if colorbar:
+        bar = ax.figure.colorbar(image, ax=ax, shrink=0.85)
+        bar.set_label("|R|" + (f" (scale |R|^{gamma:g})" if gamma != 1 else ""))
+    if order_by_variance:
+        ax.set_xlabel("unit (by variance)")
+        ax.set_ylabel("unit (by variance)")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_spectrum_curves(
+    spectra: Mapping[str, Any],
+    ax: Axes | None = None,
+    *,
+    kind: str = "variance",
+    normalise: bool = True,
+    cumulative: bool = False,
+    log: bool = True,
+    threshold: float | None = None,
+    title: str | None = None,
+    colors: Sequence[Any] | None = None,
+    linestyles: Sequence[str] | None = None,
+) -> Axes:
+    """Several spectra as lines against the rank (label → covariance ``(p, p)`` or values ``(p,)``).
+
+    ``normalise`` plots shares of the total; ``cumulative`` the running sum (then ``threshold``,
+    e.g. 0.9, marks the share that defines UD_90%); ``log`` a logarithmic value axis (ignored
+    when ``cumulative``), on which values below ``1e-10`` times the largest (dead units, null
+    directions) are not drawn.
+    """
+    if not spectra:
+        raise ValueError("plot_spectrum_curves needs at least one spectrum")
+    ax = _axes(ax)
+    for i, (label, values) in enumerate(spectra.items()):
+        v = _spectrum_values(values, kind, normalise)
+        if cumulative:
+            v = np.cumsum(v)
+        elif log and v.size and v[0] > 0:
+            v = np.where(v > DEAD_UNIT_RTOL * v[0], v, np.nan)  # dead units / null directions: not drawn
+        style = {}
+        if colors is not None:
+            style["color"] = colors[i % len(colors)]
+        if linestyles is not None:
+            style["linestyle"] = linestyles[i % len(linestyles)]
+        ax.plot(np.arange(1, len(v) + 1), v, linewidth=1.2, label=label, **style)
+    if threshold is not None:
+        ax.axhline(threshold, color="gray", linestyle="--", linewidth=1)
+    if log and not cumulative:
+        ax.set_yscale("log")
+    unit = "unit (by variance)" if kind == "variance" else "principal component"
+    ax.set_xlabel(f"rank of {unit}")
+    what = "share of variance" if normalise else ("variance" if kind == "variance" else "eigenvalue")
+    ax.set_ylabel(f"cumulative {what}" if cumulative else what)
+    if title:
+        ax.set_title(title)
+    if len(spectra) > 1:
+        ax.legend(fontsize=7)
+    return ax
+
+
+def plot_layer_metrics(
+    runs: Mapping[str, Sequence[Mapping[str, float]]],
+    metrics: Sequence[tuple[str, str]],
+    *,
+    layer_labels: Sequence[str] | None = None,
+    extra: Mapping[str, Sequence[float]] | None = None,
+    ncols: int = 3,
+    title: str | None = None,
+) -> Figure:
+    """Metrics over depth: one panel per ``(key, label)`` of ``metrics``, one line per run.
+
+    ``runs`` maps a run label to its per-layer metric dicts in layer order. ``extra`` adds one
+    panel per entry (label → one value per layer), e.g. the linear CKA between two models.
+    """
+    if not runs:
+        raise ValueError("plot_layer_metrics needs at least one run")
+    panels: list[tuple[str, dict[str, Sequence[float]]]] = [
+        (label, {run: [m.get(key, math.nan) for m in layers] for run, layers in runs.items()})
+        for key, label in metrics
+    ]
+    for label, values in (extra or {}).items():
+        panels.append((label, {"": list(values)}))
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = new_figure(nrows, ncols, panel_size=(3.4, 2.6))
+    depth = max(len(layers) for layers in runs.values())
+    ticks = list(range(depth))
+    for i, ax in enumerate(axes.flat):
+        if i >= len(panels):
+            ax.set_visible(False)
+            continue
+        label, lines = panels[i]
+        for j, (run, values) in enumerate(lines.items()):
+            ax.plot(range(len(values)), values, marker="o", markersize=3.5, linewidth=1.2, label=run or None,
+                    color=None if run else "tab:purple", linestyle="-" if j == 0 else "--")
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks(ticks, list(layer_labels) if layer_labels is not None else [str(t) for t in ticks],
+                      fontsize=7, rotation=45 if depth > 8 else 0)
+        ax.set_xlabel("layer", fontsize=8)
+        if len(lines) > 1 and i == 0:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_layer_pair(
+    covariances: Mapping[str, Any],
+    *,
+    title: str | None = None,
+    max_units: int | None = None,
+    spectra: Mapping[str, Any] | None = None,
+) -> Figure:
+    """One layer of one or more runs side by side: an ``|R|`` heat map per run (units by variance) and
+    one panel with their variance spectra (shares of the total, log scale).
+
+    ``covariances`` maps a run label to the layer's ``(p, p)`` covariance; ``spectra`` (label →
+    unit variances ``(p,)``) replaces ``diag C`` in the spectrum panel, e.g. when ``covariances``
+    hold only the units of largest variance.
+    """
+    if not covariances:
+        raise ValueError("plot_layer_pair needs at least one covariance")
+    n = len(covariances)
+    fig, axes = new_figure(1, n + 1, panel_size=(3.6, 3.1))
+    for ax, (label, cov) in zip(axes[0], covariances.items()):
+        plot_correlation_map(cov, ax, title=f"{label}: |correlation|", max_units=max_units, colorbar=ax is axes[0, n - 1])
+    plot_spectrum_curves(spectra or covariances, axes[0, n], title="variance spectrum", linestyles=["-", "--", ":"])
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def figure_to_rgb(fig: Figure) -> np.ndarray:
+    """The rendered figure as an ``(H, W, 3)`` uint8 array (for TensorBoard's ``add_image`` / W&B images)."""
+    _require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

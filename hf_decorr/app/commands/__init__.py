@@ -1,0 +1,76 @@
+"""The ``hf-decorr`` console command (also ``python -m hf_decorr``): see a model layer by layer.
+
+    hf-decorr inspect MODEL --data FILE --output_dir DIR      the paper's metrics of every layer, figures
+    hf-decorr compare A B [--data FILE] --output_dir DIR      two models (or two inspect outputs), linear CKA
+    hf-decorr ablate MODEL [MODEL ...] --data FILE --layer L --output_dir DIR
+                                                              accuracy with only the top-k units of L kept
+
+Bad input (an unknown model, a missing column, a layer spec that matches nothing, an empty
+data set, a missing matplotlib) ends with one line ``hf-decorr: error: …`` and a non-zero exit
+status: 2 for a bad command line, 1 for everything found later. ``HF_DECORR_DEBUG=1`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from ..parser import RecipeError
+from . import ablate, compare, inspect
+from .common import PROG
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+COMMANDS = {
+    "inspect": (inspect, "the paper's decorrelation metrics of every layer of a model, with figures"),
+    "compare": (compare, "two models (linear CKA per layer) or two inspect outputs, side by side"),
+    "ablate": (ablate, "accuracy of a sequence classifier when only the top-k units of a layer are kept"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="See what the covariance penalty did: inspect, compare and ablate the "
+                     "layers of Hugging Face models.")
+    from ... import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=help_text, description=(module.__doc__ or "").split("\n")[0]))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hf-decorr`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a bad command line (already reported)
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    module = COMMANDS[args.command][0]
+    command = " ".join([PROG, *(shlex.quote(a) for a in argv)])
+    try:
+        module.run(args, command)
+    except RecipeError as err:
+        if os.environ.get("HF_DECORR_DEBUG"):
+            raise
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    print(f"{PROG} {args.command}: wrote {args.output_dir}", flush=True)
+    return 0

