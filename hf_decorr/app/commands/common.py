@@ -198,10 +198,17 @@ def load_texts(args: argparse.Namespace, label_column: str | None = None):
         raise RecipeError("give either --data FILE or --dataset_name NAME, not both")
     if args.data:
         source = f"--data {args.data}"
-        rows = load_text_datasets(None, None, {"data": ("--data", args.data)})["data"]
+        try:
+            with _quiet_datasets():
+                rows = load_text_datasets(None, None, {"data": ("--data", args.data)})["data"]
+        except RecipeError:
+            if _at_most_header(args.data):
+                raise RecipeError(f"{source}: the data set is empty (no rows)") from None
+            raise
     elif args.dataset_name:
         source = f"--dataset_name {args.dataset_name}"
-        loaded = load_text_datasets(args.dataset_name, args.dataset_config)
+        with _quiet_datasets():
+            loaded = load_text_datasets(args.dataset_name, args.dataset_config)
         if args.split not in loaded:
             raise RecipeError(f"--split {args.split!r} is not a split of {args.dataset_name!r} (its splits: "
                               f"{', '.join(loaded)})")
@@ -228,6 +235,34 @@ def load_texts(args: argparse.Namespace, label_column: str | None = None):
     if args.max_samples is not None:
         rows = rows.select(range(min(args.max_samples, len(rows))))
     return rows, text_column
+
+
+def _at_most_header(path: str) -> bool:
+    """Whether a text file has at most one non-blank line (a header and no rows)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            seen = 0
+            for line in f:
+                seen += bool(line.strip())
+                if seen > 1:
+                    return False
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No ``datasets`` progress bars on the command's stderr (errors stay one line)."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 
 def tokenized_batches(
