@@ -6,6 +6,7 @@ covariance (``1/(N−1)``) of a layer's activations over the batch.
 
 __version__ = "0.1.0"
 
+from .callbacks import DecorrFigureCallback
 from .capture import HiddenStateCapture, find_block_stacks, resolve_layers
 from .config import (
     DECORR_CONFIG_NAME,
@@ -26,6 +27,7 @@ __all__ = [
     "DecorrTrainerMixin",
     "DecorrTrainer",
     "DecorrSeq2SeqTrainer",
+    "DecorrFigureCallback",
     "DECORR_CONFIG_NAME",
     "MODEL_TAG",
     "PENALTIES",

@@ -160,6 +160,13 @@ class DecorrConfig:
             "transient memory to a few times 4·chunk·p bytes. 0: chunks of about 32 MiB of float32 (chunk·p = 2^23)."
         },
     )
+    decorr_log_figures: bool = field(
+        default=False,
+        metadata={
+            "help": "At each evaluation, log the |correlation| heat map and variance spectrum of each penalised layer "
+            "as images to TensorBoard / W&B (report_to); needs matplotlib."
+        },
+    )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -201,6 +208,11 @@ class DecorrConfig:
             raise ValueError(f"decorr_warmup_steps must be >= 0, got {self.decorr_warmup_steps}")
         if isinstance(self.decorr_top_d, bool) or not isinstance(self.decorr_top_d, int) or self.decorr_top_d < 1:
             raise ValueError(f"decorr_top_d must be an integer >= 1, got {self.decorr_top_d!r}")
+        if self.decorr_log_figures:
+            import importlib.util
+
+            if importlib.util.find_spec("matplotlib") is None:
+                raise ValueError("decorr_log_figures=True needs matplotlib: pip install 'hf-decorr[plots]'")
         share = self.decorr_variance_share
         if not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
             raise ValueError(f"decorr_variance_share must be in (0, 1], got {share!r}")

@@ -168,6 +168,11 @@ class DecorrTrainerMixin:
     Override points (public; the defaults keep the grouping, chunking, multi-process sync and
     logging around them): :meth:`decorr_samples`, :meth:`decorr_penalty`,
     :meth:`decorr_layer_weight`.
+
+    After each evaluation, :attr:`decorr_last_eval_covariances` holds every penalised layer's
+    float64 covariance ``(p, p)`` over the whole evaluation set (on the CPU, summed over
+    processes), the statistics behind ``eval_decorr_*``; ``decorr_log_figures=True`` logs their
+    heat maps and spectra as images (:class:`~hf_decorr.callbacks.DecorrFigureCallback`).
     """
 
     args: DecorrConfig
@@ -205,6 +210,11 @@ class DecorrTrainerMixin:
         self._decorr_window = _LogWindow()
         self._decorr_eval_stats: dict[str, CovarianceAccumulator] | None = None
         self._decorr_warned: set[str] = set()
+        self.decorr_last_eval_covariances: dict[str, torch.Tensor] = {}
+        if getattr(self.args, "decorr_log_figures", False):
+            from .callbacks import DecorrFigureCallback
+
+            self.add_callback(DecorrFigureCallback(self))
         if self.model is not None:
             base = self._decorr_prepare(self.model)
             if hasattr(base, "add_model_tags"):
@@ -757,6 +767,11 @@ class DecorrTrainerMixin:
         one process did not see contributes zeros there.
         """
         stats = sum_accumulators(stats, self._decorr_layer_names, self.accelerator.device)
+        self.decorr_last_eval_covariances = {
+            name: stats[name].covariance().cpu()
+            for name in self._decorr_layer_names
+            if stats.get(name) is not None and not stats[name].empty
+        }
         per_layer: dict[str, dict[str, float]] = {}
         for name in self._decorr_layer_names:
             acc = stats.get(name)
