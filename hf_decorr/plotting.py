@@ -563,7 +563,8 @@ def plot_layer_pair(
     n = len(covariances)
     fig, axes = new_figure(1, n + 1, panel_size=(3.6, 3.1))
     for ax, (label, cov) in zip(axes[0], covariances.items()):
-        plot_correlation_map(cov, ax, title=f"{label}: |correlation|", max_units=max_units, colorbar=ax is axes[0, n - 1])
+        plot_correlation_map(cov, ax, title=f"{label}: |correlation|", max_units=max_units,
+                             colorbar=ax is axes[0, n - 1])
     plot_spectrum_curves(spectra or covariances, axes[0, n], title="variance spectrum", linestyles=["-", "--", ":"])
     if title:
         fig.suptitle(title)

@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from tiny_models import tiny_bert, token_dataset
 
 from hf_decorr import DecorrFigureCallback, DecorrTrainer, DecorrTrainingArguments, decorrelation_metrics
 from hf_decorr.callbacks import layer_images
-from tiny_models import tiny_bert, token_dataset
 
 COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, per_device_train_batch_size=4,
               per_device_eval_batch_size=5, learning_rate=1e-2, logging_steps=1, seed=0)
@@ -77,5 +77,5 @@ def test_layer_images_are_rgb_arrays():
 
 def test_log_figures_without_matplotlib_fails_at_config_time(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ValueError, match=r"decorr_log_figures=True needs matplotlib: pip install 'hf-decorr\[plots\]'"):
+    with pytest.raises(ValueError, match=r"decorr_log_figures=True needs matplotlib: pip install 'hf-decorr\[plots"):
         DecorrTrainingArguments(output_dir=str(tmp_path), report_to=[], decorr_log_figures=True)

@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
+from tiny_models import tiny_bert, tiny_word_tokenizer
 from transformers import DataCollatorWithPadding
 
 from hf_decorr import DecorrTrainer, DecorrTrainingArguments
 from hf_decorr.app.commands import main
 from hf_decorr.app.commands.ablate import replace_units
 from hf_decorr.app.commands.common import PairedStatistics
-from tiny_models import tiny_bert, tiny_word_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("mapc", "cvr", "tdv", "ud", "pca_ud", "cov_l1", "live_units", "samples")
@@ -352,7 +352,8 @@ def test_python_dash_m_runs_inspect_and_reports_errors(tiny, tmp_path):
     assert f"wrote {out}" in done.stdout
     assert json.loads((out / "report.json").read_text())["layers"][0]["layer"] == "bert.encoder.layer.1"
     bad = subprocess.run([sys.executable, "-m", "hf_decorr", "inspect", "no/such-model", "--data", tiny["data"],
-                          "--output_dir", str(tmp_path / "x")], capture_output=True, text=True, env=_env(), timeout=300)
+                          "--output_dir", str(tmp_path / "x")], capture_output=True, text=True, env=_env(),
+                         timeout=300)
     assert bad.returncode == 1
     _assert_one_line_error(bad.returncode, bad.stderr, "no/such-model")
     version = subprocess.run([sys.executable, "-m", "hf_decorr", "--version"], capture_output=True, text=True,

@@ -143,8 +143,8 @@ def load_model(spec: str, option: str, device: str = "auto", sequence_classifier
     if sequence_classifier:
         if not any(a.endswith("ForSequenceClassification") for a in architectures):
             raise RecipeError(
-                f"{option}={spec!r} is not a sequence classifier (its architectures: {', '.join(architectures) or '?'});"
-                " ablate needs a fine-tuned …ForSequenceClassification checkpoint"
+                f"{option}={spec!r} is not a sequence classifier (its architectures: "
+                f"{', '.join(architectures) or '?'}); ablate needs a fine-tuned …ForSequenceClassification checkpoint"
             )
         cls = transformers.AutoModelForSequenceClassification
     else:
