@@ -154,9 +154,15 @@ def test_no_import_cycles():
             visit(name)
 
 
+def _application(name: str) -> bool:
+    """The application package, and ``hf_decorr.__main__`` (``python -m hf_decorr``: it only runs the
+    ``hf-decorr`` command of ``hf_decorr.app.commands``; never imported by the core)."""
+    return name in ("hf_decorr.app", "hf_decorr.__main__") or name.startswith("hf_decorr.app.")
+
+
 def test_the_core_never_imports_the_application_package():
     for name, path in _modules().items():
-        if name == "hf_decorr.app" or name.startswith("hf_decorr.app."):
+        if _application(name):
             continue
         bad = sorted(m for m in _imports(name, path, top_level_only=False)
                      if m == "hf_decorr.app" or m.startswith("hf_decorr.app."))
@@ -165,7 +171,7 @@ def test_the_core_never_imports_the_application_package():
 
 def test_the_core_neither_prints_nor_exits():
     for name, path in _modules().items():
-        if name == "hf_decorr.app" or name.startswith("hf_decorr.app."):
+        if _application(name):
             continue
         tree = ast.parse(open(path, encoding="utf-8").read(), path)
         for node in ast.walk(tree):

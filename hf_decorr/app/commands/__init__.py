@@ -21,15 +21,24 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..parser import RecipeError
-from . import ablate, compare, inspect
+from .ablate import add_arguments as _ablate_arguments
+from .ablate import run as _ablate
 from .common import PROG
+from .compare import add_arguments as _compare_arguments
+from .compare import run as _compare
+from .inspect import add_arguments as _inspect_arguments
+from .inspect import run as _inspect
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
+# name: (add the arguments, run, help)
 COMMANDS = {
-    "inspect": (inspect, "the paper's decorrelation metrics of every layer of a model, with figures"),
-    "compare": (compare, "two models (linear CKA per layer) or two inspect outputs, side by side"),
-    "ablate": (ablate, "accuracy of a sequence classifier when only the top-k units of a layer are kept"),
+    "inspect": (_inspect_arguments, _inspect,
+                "the paper's decorrelation metrics of every layer of a model, with figures"),
+    "compare": (_compare_arguments, _compare,
+                "two models (linear CKA per layer) or two inspect outputs, side by side"),
+    "ablate": (_ablate_arguments, _ablate,
+               "accuracy of a sequence classifier when only the top-k units of a layer are kept"),
 }
 
 
@@ -47,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, (module, help_text) in COMMANDS.items():
-        module.add_arguments(sub.add_parser(name, help=help_text, description=(module.__doc__ or "").split("\n")[0]))
+    for name, (add_arguments, _, help_text) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
@@ -63,10 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    module = COMMANDS[args.command][0]
+    run = COMMANDS[args.command][1]
     command = " ".join([PROG, *(shlex.quote(a) for a in argv)])
     try:
-        module.run(args, command)
+        run(args, command)
     except RecipeError as err:
         if os.environ.get("HF_DECORR_DEBUG"):
             raise
