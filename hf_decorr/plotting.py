@@ -19,7 +19,8 @@ headless machines. Inputs may be NumPy arrays, torch tensors or nested lists.
 * Layer by layer (``hf-decorr`` command, recipes, TensorBoard): :func:`plot_correlation_map`
   (``|R|`` with units ordered by variance), :func:`plot_spectrum_curves` (spectra as lines),
   :func:`plot_layer_metrics` (metrics over depth, one line per run), :func:`plot_layer_pair`
-  (one layer of several runs side by side), :func:`figure_to_rgb` (an image array).
+  (one layer of several runs side by side), :func:`figure_to_rgb` (an image array),
+  :func:`save_layer_figures` (one such figure per layer, written as a complete folder).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ __all__ = [
     "plot_layer_metrics",
     "plot_layer_pair",
     "figure_to_rgb",
+    "save_layer_figures",
 ]
 
 SPECTRUM_KINDS = ("variance", "eigenvalues")
@@ -579,3 +581,31 @@ def figure_to_rgb(fig: Figure) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_layer_figures(
+    folder: str | os.PathLike,
+    covariances: Mapping[str, Mapping[str, Any]],
+    *,
+    max_units: int | None = 512,
+) -> list[Path]:
+    """One PNG per layer in ``folder``: the runs side by side (:func:`plot_layer_pair`).
+
+    ``covariances`` maps a run label (``"baseline"``, ``"decorr"``) to ``{layer: C (p, p)}``;
+    layers missing from a run are drawn for the runs that have them. The folder is written
+    completely or not at all (:func:`hf_decorr.atomic.staged_directory`); files are named
+    ``<i>_<layer>.png`` in layer order. Returns the paths.
+    """
+    from .atomic import staged_directory
+
+    _require_matplotlib()
+    layers = list(dict.fromkeys(layer for per_run in covariances.values() for layer in per_run))
+    names = []
+    with staged_directory(folder) as tmp:
+        for i, layer in enumerate(layers):
+            runs = {run: per_run[layer] for run, per_run in covariances.items() if layer in per_run}
+            fig = plot_layer_pair(runs, title=f"{layer}", max_units=max_units)
+            name = f"{i:02d}_{layer.replace('/', '_')}.png"
+            save_figure(fig, Path(tmp) / name)
+            names.append(name)
+    return [Path(folder) / name for name in names]

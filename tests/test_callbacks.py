@@ -79,3 +79,15 @@ def test_log_figures_without_matplotlib_fails_at_config_time(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ValueError, match=r"decorr_log_figures=True needs matplotlib: pip install 'hf-decorr\[plots"):
         DecorrTrainingArguments(output_dir=str(tmp_path), report_to=[], decorr_log_figures=True)
+
+
+def test_save_layer_figures_writes_one_png_per_layer(tmp_path):
+    from hf_decorr.plotting import save_layer_figures
+
+    rng = np.random.default_rng(1)
+    covs = {run: {layer: np.cov((rng.normal(size=(100, 5)) @ rng.normal(size=(5, 5))).T)
+                  for layer in ("enc.0", "enc.1")} for run in ("baseline", "decorr")}
+    paths = save_layer_figures(tmp_path / "figures", covs)
+    assert [p.name for p in paths] == ["00_enc.0.png", "01_enc.1.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures"]  # no staging folder left
