@@ -14,6 +14,7 @@ from .config import (
     DecorrSeq2SeqTrainingArguments,
     DecorrTrainingArguments,
 )
+from .errors import DecorrError, DivergenceError
 from .metrics import CovarianceAccumulator, decorrelation_metrics
 from .penalties import PENALTIES, Penalty, decorrelation_penalty, get_penalty, masked_covariance, register_penalty
 from .pooling import mask_from_inputs, pool_hidden
@@ -30,6 +31,8 @@ __all__ = [
     "DecorrFigureCallback",
     "DECORR_CONFIG_NAME",
     "MODEL_TAG",
+    "DecorrError",
+    "DivergenceError",
     "PENALTIES",
     "Penalty",
     "register_penalty",

@@ -53,8 +53,8 @@ _LEGACY_VERSION_KEY = "hf_decorr_version"
 def check_base_order(cls: type, mixin: type, base: type, method: str) -> None:
     """Raise ``TypeError`` when a subclass of ``base`` precedes ``mixin`` in ``cls``'s MRO.
 
-    ``base.<method>`` does not call ``super()``, so ``mixin``'s version would never run: the
-    mixin must come first in the bases. The message shows the order to write.
+    ``base.<method>`` does not call ``super()`` (or overrides the mixin's), so ``mixin``'s version
+    would never run: the mixin must come first in the bases. The message shows the order to write.
     """
     mro = cls.__mro__
     if mixin not in mro:
@@ -136,6 +136,14 @@ class DecorrConfig:
     )
     decorr_log_per_layer: bool = field(
         default=True, metadata={"help": "Also log the penalty and eval metrics of each layer, not only their mean."}
+    )
+    decorr_stop_on_nonfinite: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training with hf_decorr.DivergenceError when the training loss or the penalty becomes NaN or "
+            "infinite (checked on the device at logging, evaluation and save steps and at the end, so no step waits "
+            "on the host), and never save non-finite weights."
+        },
     )
     decorr_precision: str = field(
         default="auto",

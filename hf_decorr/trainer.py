@@ -34,6 +34,7 @@ stay in the default implementation and apply to overridden pieces too.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_pt_utils import find_batch_size
 from transformers.trainer_utils import unwrap_peft_model
 
@@ -51,7 +52,7 @@ from .capture import (
     PenaltyGradientReplay,
     resolve_layers,
 )
-from .config import DecorrConfig
+from .config import DecorrConfig, DecorrSeq2SeqTrainingArguments, DecorrTrainingArguments, check_base_order
 from .distributed import (
     choose_strategy,
     global_covariance_penalties,
@@ -61,7 +62,8 @@ from .distributed import (
     world_size,
 )
 from .gram import cov_l1_lowmem, lowmem_covariance
-from .metrics import CovarianceAccumulator, decorrelation_metrics
+from .errors import DecorrError, DivergenceError
+from .metrics import METRIC_NAMES, CovarianceAccumulator, decorrelation_metrics
 from .penalties import (
     Penalty,
     _cov_l1_of_covariance,
@@ -73,6 +75,37 @@ from .pooling import MissingMaskError, mask_from_inputs, mask_like_keys, pool_hi
 __all__ = ["DecorrTrainerMixin", "DecorrTrainer", "DecorrSeq2SeqTrainer", "DecorrSamples", "MODEL_TAG"]
 
 MODEL_TAG = "hf-decorr"
+#: what ``Trainer(model)`` names the output folder when it builds default arguments (transformers 5.x)
+DEFAULT_OUTPUT_DIR = "tmp_trainer"
+
+
+def _local_shard(param: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter (DeepSpeed ZeRO-3 keeps it in ``ds_tensor``; FSDP2 in a DTensor)."""
+    shard = getattr(param, "ds_tensor", None)
+    if shard is not None:
+        return shard
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+class _DivergenceCallback(TrainerCallback):
+    """Reads the trainer's on-device non-finite flags at logging, evaluation and save steps and at the end.
+
+    ``DefaultFlowCallback`` has set ``control.should_log / should_evaluate / should_save`` before
+    this runs, and ``Trainer`` logs, evaluates and saves only after ``on_step_end``: a diverged
+    run stops before anything is saved from it. The steps in between never wait on the host.
+    """
+
+    def __init__(self, trainer: DecorrTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        last = state.max_steps > 0 and state.global_step >= state.max_steps
+        if control.should_log or control.should_evaluate or control.should_save or last:
+            self.trainer._decorr_raise_if_diverged(weights=control.should_save or last)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_evaluate or control.should_save:
+            self.trainer._decorr_raise_if_diverged(weights=control.should_save)
 
 
 @dataclass
@@ -176,10 +209,13 @@ class DecorrTrainerMixin:
     """
 
     args: DecorrConfig
+    #: the class of the arguments built when none are given (``DecorrTrainer(model)``, like ``Trainer(model)``)
+    decorr_default_arguments_class: type = DecorrTrainingArguments
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if issubclass(cls, Trainer):
+            check_base_order(cls, DecorrTrainerMixin, Trainer, "compute_loss")
             return
         # a class that mixes in a trainer-like class (it has `train`) that is not a transformers.Trainer
         foreign = [base for base in cls.__mro__[1:]
@@ -191,12 +227,19 @@ class DecorrTrainerMixin:
                  **kwargs) -> None:
         if not isinstance(self, Trainer):
             raise TypeError(_not_a_trainer(type(self).__name__, None))
+        # like Trainer(model): no arguments means default ones, here with the decorr settings
+        if len(args) >= 2 and args[1] is None:
+            args = (args[0], self._decorr_default_arguments(), *args[2:])
+        elif len(args) < 2 and kwargs.get("args") is None:
+            kwargs["args"] = self._decorr_default_arguments()
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, DecorrConfig):
             raise TypeError(
                 f"{type(self).__name__} needs args that include the decorr settings, e.g. DecorrTrainingArguments; "
                 f"got {type(self.args).__name__}"
             )
+        # the settings may have been changed since the arguments were built: check them again
+        self.args._validate_decorr()
         if getattr(self.args, "n_gpu", 1) > 1:
             raise ValueError(
                 "hf_decorr does not support torch.nn.DataParallel (several GPUs in one process): its replicas run the "
@@ -210,6 +253,9 @@ class DecorrTrainerMixin:
         self._decorr_window = _LogWindow()
         self._decorr_eval_stats: dict[str, CovarianceAccumulator] | None = None
         self._decorr_warned: set[str] = set()
+        self._decorr_nonfinite: torch.Tensor | None = None  # on device: (loss, penalty) seen non-finite
+        self._decorr_nonfinite_step: torch.Tensor | None = None  # on device: first such optimizer step, or -1
+        self.add_callback(_DivergenceCallback(self))
         self.decorr_last_eval_covariances: dict[str, torch.Tensor] = {}
         if getattr(self.args, "decorr_log_figures", False):
             from .callbacks import DecorrFigureCallback
@@ -219,6 +265,15 @@ class DecorrTrainerMixin:
             base = self._decorr_prepare(self.model)
             if hasattr(base, "add_model_tags"):
                 base.add_model_tags([MODEL_TAG])
+
+    def _decorr_default_arguments(self) -> DecorrConfig:
+        import logging
+
+        logging.getLogger(__name__).info(
+            "No arguments passed, using %s(output_dir=%r).", self.decorr_default_arguments_class.__name__,
+            DEFAULT_OUTPUT_DIR,
+        )
+        return self.decorr_default_arguments_class(output_dir=DEFAULT_OUTPUT_DIR)
 
     def _decorr_resolve_penalty(self, fn) -> Penalty:
         overridden = type(self).decorr_penalty is not DecorrTrainerMixin.decorr_penalty
@@ -386,9 +441,9 @@ class DecorrTrainerMixin:
                 parts.append((x, mask, hidden.dim() == 2 or self.args.decorr_pooling != "tokens"))
             if not seen:
                 if strict and name in self._decorr_capture.ran_without_grad:
-                    raise RuntimeError(_reentrant_message(name))
+                    raise DecorrError(_reentrant_message(name))
                 if strict:
-                    raise RuntimeError(
+                    raise DecorrError(
                         f"decorr_layers: module {name!r} did not run during the forward pass, so it cannot be "
                         "penalised; choose a module that the model's forward uses"
                     )
@@ -600,7 +655,7 @@ class DecorrTrainerMixin:
         try:
             if replay:
                 if not loss.requires_grad:
-                    raise RuntimeError(
+                    raise DecorrError(
                         "decorr_weight > 0, but no forward call of the model in this training step ran with autograd, "
                         f"so the penalty cannot train anything through {self._decorr_layer_names}: the model runs "
                         "under torch.no_grad or inference_mode"
@@ -611,9 +666,9 @@ class DecorrTrainerMixin:
                 for call in calls:
                     for name, hidden in call.outputs.items():
                         if name in call.no_grad_layers:
-                            raise RuntimeError(_reentrant_message(name))
+                            raise DecorrError(_reentrant_message(name))
                         if not hidden.requires_grad:
-                            raise RuntimeError(
+                            raise DecorrError(
                                 f"decorr_layers: the output of {name!r} does not require grad, so the penalty cannot "
                                 "train anything through it: no trainable parameter feeds it (frozen layers, or PEFT "
                                 "adapters only above it)"
@@ -649,7 +704,78 @@ class DecorrTrainerMixin:
                 loss = loss + term.to(loss.dtype)
         self._decorr_window.add(task.float(), per_layer.detach().float(), few, sum(weights) / max(1, len(weights)),
                                 self.state.global_step)
+        if self.args.decorr_stop_on_nonfinite:
+            self._decorr_track_nonfinite(loss.detach(), per_layer.detach())
         return (loss, outputs) if return_outputs else loss
+
+    # ---- divergence ----------------------------------------------------------------------------
+
+    def _decorr_track_nonfinite(self, loss: torch.Tensor, per_layer: torch.Tensor) -> None:
+        """OR this micro-batch's non-finite loss / penalty into on-device flags (no host sync)."""
+        bad = torch.stack([~torch.isfinite(loss).all(), ~torch.isfinite(per_layer.to(loss.device)).all()])
+        if self._decorr_nonfinite is None:
+            self._decorr_nonfinite = torch.zeros(2, dtype=torch.bool, device=loss.device)
+            self._decorr_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first = self._decorr_nonfinite_step
+        self._decorr_nonfinite_step = torch.where(
+            (first < 0) & bad.any(), torch.full_like(first, self.state.global_step), first
+        )
+        self._decorr_nonfinite = self._decorr_nonfinite | bad
+
+    def _decorr_weights_nonfinite(self, model: nn.Module | None = None) -> torch.Tensor:
+        """Whether any trainable parameter of this process holds NaN or inf (a device bool)."""
+        device = self.args.device
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        model = self.model if model is None else model
+        if model is None:
+            return bad
+        for param in model.parameters():
+            if param.requires_grad:
+                shard = _local_shard(param)
+                if shard.numel():
+                    bad = bad | (~torch.isfinite(shard).all()).to(device)
+        return bad
+
+    def _decorr_raise_if_diverged(self, weights: bool, collective: bool = True) -> None:
+        """Raise :class:`~hf_decorr.errors.DivergenceError` if a non-finite loss or penalty was seen.
+
+        One host read (and with several processes one gather, so that every process stops at
+        the same step); ``weights`` also checks the trainable parameters.
+        """
+        if not self.args.decorr_stop_on_nonfinite:
+            return
+        device = self.args.device
+        status = torch.tensor([0.0, 0.0, -1.0, 0.0], dtype=torch.float64, device=device)
+        if self._decorr_nonfinite is not None:
+            status[:2] = self._decorr_nonfinite.to(device=device, dtype=torch.float64)
+            status[2] = self._decorr_nonfinite_step.to(device=device, dtype=torch.float64)
+        if weights:
+            status[3] = self._decorr_weights_nonfinite().to(torch.float64)
+        if collective and self.accelerator.num_processes > 1:
+            gathered = self.accelerator.gather(status.unsqueeze(0))
+            steps = gathered[:, 2]
+            first = steps[steps >= 0].min() if bool((steps >= 0).any()) else steps.new_tensor(-1.0)
+            status = torch.cat([gathered[:, :2].amax(dim=0), first.reshape(1), gathered[:, 3:].amax(dim=0)])
+        loss_bad, penalty_bad, first, weights_bad = status.tolist()
+        if not (loss_bad or penalty_bad or weights_bad):
+            return
+        step = self.state.global_step
+        what = []
+        if loss_bad:
+            what.append("the training loss")
+        if penalty_bad:
+            what.append("the decorrelation penalty")
+        if what:
+            found = f"{' and '.join(what)} became NaN or infinite at optimizer step {int(first) + 1}"
+        else:
+            found = f"the trained weights hold NaN or infinite values after optimizer step {step}"
+        raise DivergenceError(
+            f"training diverged: {found} (detected at step {step}); nothing is saved from these weights. Lower "
+            f"decorr_weight (now {self.args.decorr_weight:g}) or learning_rate (now {self.args.learning_rate:g}), "
+            f"clip gradients with max_grad_norm > 0 (now {self.args.max_grad_norm:g}), or check the data for bad "
+            "values; decorr_stop_on_nonfinite=False trains on regardless",
+            step=step, first_step=int(first) + 1 if first >= 0 else None,
+        )
 
     _decorr_replay: PenaltyGradientReplay | None = None
 
@@ -664,7 +790,7 @@ class DecorrTrainerMixin:
             return
         replay.disarm()
         if replay.upstream is not None and replay.injected == 0:
-            raise RuntimeError(
+            raise DecorrError(
                 "decorr_weight > 0, but no forward call of the model ran with autograd in the last training step: "
                 "neither in the loss's forward nor replayed during its backward (as cached losses do), so the penalty "
                 f"trained nothing through {self._decorr_layer_names}. Run the model with autograd enabled"
@@ -775,7 +901,8 @@ class DecorrTrainerMixin:
         per_layer: dict[str, dict[str, float]] = {}
         for name in self._decorr_layer_names:
             acc = stats.get(name)
-            if acc is None or acc.empty:
+            if acc is None or acc.empty:  # no sample of this layer: undefined, never a perfect score
+                per_layer[name] = {key: 0.0 if key in ("live_units", "samples") else math.nan for key in METRIC_NAMES}
                 continue
             per_layer[name] = decorrelation_metrics(
                 acc.covariance(), top_d=self.args.decorr_top_d, variance_share=self.args.decorr_variance_share,
@@ -794,6 +921,9 @@ class DecorrTrainerMixin:
     # ---- saving ------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # never write non-finite weights (checkpoints come through here too); local check, no collective,
+        # so that a save called on the main process only cannot hang
+        self._decorr_raise_if_diverged(weights=True, collective=False)
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             self.args.save_decorr_config(output_dir if output_dir is not None else self.args.output_dir)
@@ -805,3 +935,5 @@ class DecorrTrainer(DecorrTrainerMixin, Trainer):
 
 class DecorrSeq2SeqTrainer(DecorrTrainerMixin, Seq2SeqTrainer):
     """``transformers.Seq2SeqTrainer`` with the covariance penalty (see :class:`DecorrTrainerMixin`)."""
+
+    decorr_default_arguments_class = DecorrSeq2SeqTrainingArguments

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_decorr import DECORR_CONFIG_NAME, MODEL_TAG, DecorrTrainer, DecorrTrainingArguments
+from hf_decorr import DECORR_CONFIG_NAME, MODEL_TAG, DecorrTrainer, DecorrTrainingArguments, DivergenceError
 from hf_decorr.metrics import CovarianceAccumulator, decorrelation_metrics
 from tiny_models import model_and_data, tiny_bert, tiny_gpt2, token_dataset
 
@@ -333,6 +333,10 @@ def test_non_finite_activations_reach_the_loss(tmp_path):
     model = tiny_bert()
     model.bert.encoder.layer[0].register_forward_hook(lambda m, a, out: out * float("nan"))
     args = args_for(tmp_path, max_steps=1, decorr_layers=["0"], logging_nan_inf_filter=False)
+    with pytest.raises(DivergenceError, match="training diverged"):  # the default: stop (see test_faults.py)
+        DecorrTrainer(model=model, args=args, train_dataset=token_dataset(8)).train()
+    args = args_for(tmp_path, max_steps=1, decorr_layers=["0"], logging_nan_inf_filter=False,
+                    decorr_stop_on_nonfinite=False)
     trainer = DecorrTrainer(model=model, args=args, train_dataset=token_dataset(8))
     trainer.train()
     assert math.isnan(logged(trainer, "decorr_loss")[0])
