@@ -131,6 +131,7 @@ class DecorrSentenceTransformerTrainer(DecorrTrainerMixin, SentenceTransformerTr
     """
 
     training_args_class = DecorrSentenceTransformerTrainingArguments
+    decorr_default_arguments_class = DecorrSentenceTransformerTrainingArguments
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

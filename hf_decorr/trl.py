@@ -39,3 +39,5 @@ class DecorrSFTConfig(DecorrConfig, SFTConfig):
 
 class DecorrSFTTrainer(DecorrTrainerMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` with the covariance penalty (see :class:`~hf_decorr.trainer.DecorrTrainerMixin`)."""
+
+    decorr_default_arguments_class = DecorrSFTConfig
