@@ -4,6 +4,7 @@
     python benchmarks/llm_scale.py --skip-time --hidden 1024   # the issue's shape, slower
     python benchmarks/llm_scale.py --precision-table     # error of each decorr_precision against float64
     python benchmarks/llm_scale.py --subsample-table     # bias of decorr_max_samples (real MiniLM states)
+    python benchmarks/llm_scale.py --kernel-table        # one layer's penalty alone against the cost formulas
 
 The model is a Llama built from a config (no Hub): ``--hidden`` units (default 512), 4 layers, one
 sequence of ``--tokens`` tokens (default 1024), non-reentrant gradient checkpointing on or off,
@@ -330,7 +331,7 @@ def subsample_table(draws: int = 8) -> list[dict]:
     states = minilm_states()
     rows = []
     for k in (256, 512, 1024, 2048):
-        ratios, cosines = [], []
+        ratios, cosines, cosines_all = [], [], []
         for layer, x in enumerate(states):
             if k >= x.shape[0]:
                 continue
@@ -344,14 +345,56 @@ def subsample_table(draws: int = 8) -> list[dict]:
                 sub = cov_l1_lowmem(sub_x, index=index)
                 sub.backward()
                 ratios.append(float(sub) / float(full))
-                cosines.append(float(torch.nn.functional.cosine_similarity(
+                cosines.append(float(torch.nn.functional.cosine_similarity(  # on the rows the subsample sees
+                    sub_x.grad[index].reshape(-1), full_x.grad[index].reshape(-1), dim=0)))
+                cosines_all.append(float(torch.nn.functional.cosine_similarity(
                     sub_x.grad.reshape(-1), full_x.grad.reshape(-1), dim=0)))
         if ratios:
             row = {"max_samples": k, "N": states[0].shape[0], "bias_mean": statistics.mean(ratios) - 1,
                    "bias_min": min(ratios) - 1, "bias_max": max(ratios) - 1,
-                   "grad_cosine_mean": statistics.mean(cosines), "draws": len(ratios)}
+                   "grad_cosine_drawn_rows": statistics.mean(cosines),
+                   "grad_cosine_all_rows": statistics.mean(cosines_all), "draws": len(ratios)}
             rows.append(row)
             print(json.dumps({k2: round(v, 4) if isinstance(v, float) else v for k2, v in row.items()}), flush=True)
+    return rows
+
+
+def kernel_table() -> list[dict]:
+    """Kept bytes and transient peaks of one layer's penalty alone (bf16 ``H``), measured, beside the formulas of
+    docs/PERFORMANCE.md: old ``kept = 4Np + 4p²``; new ``kept = p²/4 + 4p`` (+ the mask), transients in units of
+    ``T·p`` bytes (``T`` the chunk)."""
+    from hf_decorr.gram import cov_l1_lowmem, default_chunk
+
+    rows = []
+    for n, p, chunk in ((4096, 512, None), (4096, 512, 512), (2048, 1024, 256), (1024, 1024, None)):
+        g = torch.Generator().manual_seed(0)
+        h = (torch.randn(n, p, generator=g) + 1).to(torch.bfloat16).requires_grad_()
+        mask = torch.rand(n, generator=g) > 0.1
+        t = chunk or default_chunk(p)
+        for variant in ("old", "new"):
+            meter = Meter()
+            with meter:
+                base = meter.reset()
+                value = old_cov_l1(h, mask) if variant == "old" else cov_l1_lowmem(h, mask, chunk=chunk)
+                kept = live_bytes() - base
+                forward_peak = meter.peak - base
+                base2 = meter.reset()
+                (grad,) = torch.autograd.grad(value, h)
+                backward_peak = meter.peak - base2 - grad.nbytes  # the gradient itself is the output
+                del value, grad
+            formula = 4 * n * p + 4 * p * p if variant == "old" else p * p // 4 + 4 * p
+            row = {"N": n, "p": p, "chunk": min(t, n) if variant == "new" else None, "variant": variant,
+                   "kept_MiB": kept / 2**20, "kept_formula_MiB": formula / 2**20,
+                   "forward_transient_MiB": (forward_peak - kept) / 2**20,
+                   "backward_transient_MiB": backward_peak / 2**20}
+            if variant == "new":
+                tp = min(t, n) * p
+                row["forward_transient_per_Tp"] = (forward_peak - kept) / tp
+                row["backward_transient_per_Tp"] = backward_peak / tp
+            else:
+                row["forward_transient_per_Np"] = (forward_peak - kept) / (n * p)
+            rows.append(row)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     return rows
 
 
@@ -366,11 +409,14 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--precision-table", action="store_true")
     parser.add_argument("--subsample-table", action="store_true")
+    parser.add_argument("--kernel-table", action="store_true", help="one layer's penalty alone vs the formulas")
     parser.add_argument("--json", help="write every row to this file")
     args = parser.parse_args()
     out: dict = {"load_average": os.getloadavg(), "cpus": os.cpu_count()}
     print(json.dumps(out), flush=True)
-    if args.precision_table or args.subsample_table:
+    if args.kernel_table:
+        out["kernel"] = kernel_table()
+    elif args.precision_table or args.subsample_table:
         if args.precision_table:
             out["precision"] = precision_table()
         if args.subsample_table:

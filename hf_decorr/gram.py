@@ -204,7 +204,7 @@ def _check(h: torch.Tensor, m: torch.Tensor | None, index: torch.Tensor | None) 
 def _grad_into(grad_h, index, start, stop, value) -> None:
     """Write the gradient of sample rows ``start:stop`` into ``grad_h`` (rows of ``h``; selected rows summed)."""
     if index is None:
-        grad_h[..., start:stop, :] = value.to(grad_h.dtype)
+        grad_h[..., start:stop, :].copy_(value)
     else:
         grad_h.index_add_(-2, index[start:stop], value.to(grad_h.dtype))
 
@@ -315,7 +315,7 @@ def unpack_signs(packed: torch.Tensor, q: int, dtype: torch.dtype = torch.float3
     """Inverse of :func:`pack_signs`: ``(..., r, q)`` of ``{−1, 0, 1}`` in ``dtype``."""
     bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0
     bits = bits.reshape(*bits.shape[:-2], -1)[..., :q]
-    return bits[0].to(dtype) - bits[1].to(dtype)
+    return bits[0].to(dtype).sub_(bits[1].to(dtype))
 
 
 class AbsSumFunction(torch.autograd.Function):
@@ -388,14 +388,16 @@ class CovL1Function(torch.autograd.Function):
         chunk = ctx.chunk
         for j0 in range(0, p, chunk):
             j1 = min(p, j0 + chunk)
-            cols = unpack_signs(packed[..., j0 // 8 : (j1 + 7) // 8], j1 - j0, cdtype)  # S[:, J] (j0 % 8 == 0)
-            rows_t = unpack_signs(packed[:, ..., j0:j1, :], p, cdtype).mT  # S[J, :]ᵀ = (Sᵀ)[:, J]
-            sym = cols + rows_t  # (S + Sᵀ)[:, J]: small integers, exact in bfloat16
+            cols = unpack_signs(packed[..., j0 // 8 : (j1 + 7) // 8], j1 - j0, torch.int8)  # S[:, J] (j0 % 8 == 0)
+            rows_t = unpack_signs(packed[:, ..., j0:j1, :], p, torch.int8).mT  # S[J, :]ᵀ = (Sᵀ)[:, J]
+            sym = (cols + rows_t).to(cdtype)  # (S + Sᵀ)[:, J]: small integers, exact in bfloat16
+            del cols, rows_t
             for start in range(0, rows, chunk):
                 c = _centred(h, m, index, mean, start, start + chunk, cdtype)
-                value = _matmul(c, sym, mode, ctx.emulate) * coef  # · g / (p² divisor)
+                value = _matmul(c, sym, mode, ctx.emulate).mul_(coef)  # · g / (p² divisor)
+                del c
                 if index is None:
-                    grad_h[..., start : start + chunk, j0:j1] = value.to(grad_h.dtype)
+                    grad_h[..., start : start + chunk, j0:j1].copy_(value)
                 else:
                     grad_h[..., j0:j1].index_add_(-2, index[start : start + chunk], value.to(grad_h.dtype))
         if grad_h.shape != h.shape:
