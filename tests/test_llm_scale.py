@@ -245,3 +245,11 @@ def test_subsampling_path_makes_no_host_sync(tmp_path, monkeypatch):
     loss = trainer.compute_loss(trainer.model, llama_batch())
     monkeypatch.undo()
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_precision_option_keeps_the_exact_cpu_path(tmp_path, precision):
+    batch = llama_batch(seed=6)
+    auto = penalty_of(trainer_for(tmp_path, tiny_llama(seed=4)), batch)
+    chosen = penalty_of(trainer_for(tmp_path, tiny_llama(seed=4), decorr_precision=precision), batch)
+    assert chosen == auto  # on the CPU every option computes in float32
