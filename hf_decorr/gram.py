@@ -100,13 +100,18 @@ def default_chunk(width: int) -> int:
 
 @contextlib.contextmanager
 def _cuda_tf32(enabled: bool):
+    """TF32 on or off for CUDA float32 matmuls inside the block (torch's new ``fp32_precision`` API when present:
+    mixing it with the legacy ``allow_tf32`` flag is an error in recent torch)."""
     backend = torch.backends.cuda.matmul
-    old = backend.allow_tf32
-    backend.allow_tf32 = enabled
+    try:
+        old, attr, value = backend.fp32_precision, "fp32_precision", ("tf32" if enabled else "ieee")
+    except (AttributeError, RuntimeError):
+        old, attr, value = backend.allow_tf32, "allow_tf32", enabled
+    setattr(backend, attr, value)
     try:
         yield
     finally:
-        backend.allow_tf32 = old
+        setattr(backend, attr, old)
 
 
 def _bf16_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
