@@ -36,7 +36,6 @@ Outputs (``<run>`` is the output folder itself, or ``baseline`` / ``decorr`` bel
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import sys
@@ -49,16 +48,11 @@ except ImportError:  # a clone that was not pip-installed: use the package next 
 
 import numpy as np
 
-from hf_decorr import DecorrTrainer, DecorrTrainingArguments, resolve_layers
-from hf_decorr.app.data import load_text_datasets, require_columns
-from hf_decorr.app.hub import push_final_model
-from hf_decorr.app.models import load_pretrained_config, load_tokenizer, resolve_model_path
-from hf_decorr.app.outputs import atomic_directory, write_json_atomic
+from hf_decorr import DecorrTrainer, DecorrTrainingArguments
+from hf_decorr.app.data import load_text_datasets, require_columns, select_splits
 from hf_decorr.app.parser import DecorrArgumentParser, RecipeError, run_recipe
-from hf_decorr.app.reporting import comparison_markdown, layer_metrics, log_series, redacted_command
-from hf_decorr.app.runner import run_baseline_and_penalty, take_push_settings, write_comparison
+from hf_decorr.app.runner import Experiment, RunSpec
 from hf_decorr.evaluate_metrics import load as load_metric
-from hf_decorr.model_card import decorr_model_card, write_model_card
 
 
 @dataclass
@@ -69,11 +63,11 @@ class ScriptArguments:
         default=None, metadata={"help": "A Hub data set (e.g. 'nyu-mll/glue') or a local data-set folder."}
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Its configuration (e.g. 'sst2')."})
-    train_file: str | None = field(default=None, metadata={"help": "Local training file (csv/tsv/json/jsonl/parquet)."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training file (csv/tsv/json[l]/parquet)."})
     validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
     test_file: str | None = field(
         default=None,
-        metadata={"help": "Local test file: evaluated once at the end of each run and reported, never used to choose."},
+        metadata={"help": "Local test file: evaluated once at the end of each run, never used to choose."},
     )
     train_split: str = field(default="train", metadata={"help": "Split of dataset_name to train on."})
     validation_split: str = field(default="validation", metadata={"help": "Split of dataset_name to evaluate on."})
@@ -92,8 +86,8 @@ class ScriptArguments:
     train_sample_seed: int | None = field(
         default=None,
         metadata={
-            "help": "With max_train_samples: keep the rows sorted(random.Random(seed).sample(range(rows), N)), the rule "
-            "that drew recipes/data/sst2/train.tsv (seed 0) from GLUE's 67,349 SST-2 training phrases."
+            "help": "With max_train_samples: keep the rows sorted(random.Random(seed).sample(range(rows), N)), the "
+            "rule that drew recipes/data/sst2/train.tsv (seed 0) from GLUE's 67,349 SST-2 training phrases."
         },
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
@@ -139,19 +133,7 @@ def _load_data(script: ScriptArguments):
     )
     if script.dataset_name:
         wanted = {"train": script.train_split, "validation": script.validation_split, "test": script.test_split}
-        out = {}
-        for role, split in wanted.items():
-            if split is None:
-                continue
-            if split not in datasets:
-                if role == "test":
-                    raise RecipeError(f"test_split={split!r} is not a split of {script.dataset_name!r}: "
-                                      f"{', '.join(datasets)}")
-                option = f"{role}_split"
-                raise RecipeError(f"{option}={split!r} is not a split of {script.dataset_name!r} (its splits: "
-                                  f"{', '.join(datasets)})")
-            out[role] = datasets[split]
-        datasets = type(datasets)(out)
+        datasets = type(datasets)(select_splits(datasets, script.dataset_name, wanted))
     if "train" not in datasets:
         raise RecipeError("no training data: give train_file or dataset_name")
     if "validation" not in datasets:
@@ -265,166 +247,39 @@ TABLE_NOTE = (
 )
 
 
-def run_summary(name: str, result: dict) -> dict:
-    """One row of the comparison: the numbers of one run."""
-    eval_metrics, test_metrics = result["eval"], result.get("test") or {}
-    penalty = result["decorr_loss_log"]
-    task = result["task_loss_log"]
-    return {
-        "run": name,
-        "decorr_weight": result["decorr_weight"],
-        "accuracy": eval_metrics.get("eval_accuracy"),
-        "f1_macro": eval_metrics.get("eval_f1_macro"),
-        "test_accuracy": test_metrics.get("test_accuracy"),
-        "test_f1_macro": test_metrics.get("test_f1_macro"),
-        "layers": layer_metrics(eval_metrics, result["layers"]),
-        "decorr_loss_first": penalty[0] if penalty else None,
-        "decorr_loss_last": penalty[-1] if penalty else None,
-        "task_loss_first": task[0] if task else None,
-        "task_loss_last": task[-1] if task else None,
-        "train_runtime": result["train"].get("train_runtime"),
-        "model_dir": result["model_dir"],
-    }
-
-
-def train_one(
-    name: str,
-    run_dir: str,
-    weight: float,
-    script: ScriptArguments,
-    model_args: ModelArguments,
-    training_args: DecorrTrainingArguments,
-    tokenized: dict,
-    tokenizer,
-    config_kwargs: dict,
-    command: str,
-    compute_metrics,
-) -> dict:
-    """Train one model with ``decorr_weight = weight``; save ``run_dir/model`` and ``run_dir/results.json``."""
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
-
-    args = dataclasses.replace(training_args, output_dir=run_dir, decorr_weight=weight,
-                               run_name=training_args.run_name or name)
-    path = resolve_model_path(model_args.model_name_or_path)
-    config = load_pretrained_config(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code,
-                                    revision=model_args.model_revision, **config_kwargs)
-    set_seed(args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, trust_remote_code=model_args.trust_remote_code, revision=model_args.model_revision
-    )
-    try:  # a bad decorr_layers spec is bad input: one line, before any training
-        resolve_layers(model, args.decorr_layers)
-    except ValueError as err:
-        raise RecipeError(str(err)) from None
-    trainer = DecorrTrainer(
-        model=model,
-        args=args,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics,
-    )
-    print(f"\n=== run {name!r}: decorr_weight={weight}, penalised layers {trainer.decorr_layer_names} ===", flush=True)
-    train_output = trainer.train()
-    eval_metrics = trainer.evaluate()
-    test_metrics = None
-    if "test" in tokenized:
-        test_metrics = trainer.evaluate(tokenized["test"], metric_key_prefix="test")
-    result = {
-        "run": name,
-        "decorr_weight": weight,
-        "decorr": args.decorr_dict(),
-        "layers": trainer.decorr_layer_names,
-        "train": dict(train_output.metrics),
-        "eval": eval_metrics,
-        "test": test_metrics,
-        "decorr_loss_log": log_series(trainer.state.log_history, "decorr_loss"),
-        "task_loss_log": log_series(trainer.state.log_history, "task_loss"),
-        "train_samples": len(tokenized["train"]),
-        "eval_samples": len(tokenized["validation"]),
-        "seed": args.seed,
-        "command": command,
-    }
-    model_dir = os.path.join(run_dir, "model")
-    result["model_dir"] = model_dir
-    base = model_args.base_model_id or model_args.model_name_or_path
-    dataset = script.dataset_name or os.path.dirname(script.train_file or "") or None
-    card = decorr_model_card(
-        model_name=args.hub_model_id or os.path.basename(os.path.abspath(run_dir)),
-        decorr_settings=args.decorr_dict(),
-        layer_names=trainer.decorr_layer_names,
-        metrics={**eval_metrics, **(test_metrics or {})},
-        task="text-classification",
-        base_model=base,
-        datasets=[script.dataset_name] if script.dataset_name else None,
-        dataset_description=(f"`{script.dataset_name}`" + (f" ({script.dataset_config})" if script.dataset_config
-                                                           else "")) if script.dataset_name else
-        f"`{dataset}` ({len(tokenized['train'])} training examples)",
-        training={
-            "learning rate": args.learning_rate,
-            "epochs": args.num_train_epochs,
-            "batch size (per device)": args.per_device_train_batch_size,
-            "max length (tokens)": script.max_length,
-            "seed": args.seed,
-            "train runtime (s)": result["train"].get("train_runtime"),
-        },
-        command=command,
-        extra_tags=["text-classification"],
-    )
-    with atomic_directory(model_dir) as tmp:
-        trainer.save_model(tmp)
-        write_model_card(tmp, card)
-        write_json_atomic(os.path.join(tmp, "results.json"), result)
-    write_json_atomic(os.path.join(run_dir, "results.json"), result)
-    print(f"saved {model_dir}", flush=True)
-    return result
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = DecorrArgumentParser((ScriptArguments, ModelArguments, DecorrTrainingArguments))
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = DecorrArgumentParser((ScriptArguments, ModelArguments, DecorrTrainingArguments))
     script, model_args, training_args = parser.parse_args_and_config(argv)
-    command = redacted_command("recipes/text_classification.py", argv)
-
-
-    # the push happens here, after the local output is complete; the Trainer must not contact the Hub itself
-    push, hub_model_id, hub_token = take_push_settings(training_args)
-
-    # fail on a bad model before reading any data
-    load_pretrained_config(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code,
-                           revision=model_args.model_revision)
-    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path,
-                               "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path",
-                               trust_remote_code=model_args.trust_remote_code, revision=model_args.model_revision)
-
+    experiment = Experiment("recipes/text_classification.py", argv, training_args, model_args,
+                            model_args.trust_remote_code)
+    tokenizer = experiment.load_tokenizer()
     datasets = _load_data(script)
     values, names = _label_mapping(datasets, script)
-    tokenized = _tokenize(datasets, tokenizer, script, values)
-    config_kwargs = {
-        "num_labels": len(values),
-        "id2label": dict(enumerate(names)),
-        "label2id": {n: i for i, n in enumerate(names)},
-    }
+    data = _tokenize(datasets, tokenizer, script, values)
     compute_metrics = make_compute_metrics()
-
-    results, wall_time = run_baseline_and_penalty(
-        training_args.output_dir, training_args.decorr_weight, script.compare_baseline,
-        lambda name, run_dir, weight: train_one(name, run_dir, weight, script, model_args, training_args, tokenized,
-                                                tokenizer, config_kwargs, command, compute_metrics),
+    if script.dataset_name:
+        described = f"`{script.dataset_name}`" + (f" ({script.dataset_config})" if script.dataset_config else "")
+    else:
+        described = f"`{os.path.dirname(script.train_file or '') or None}` ({len(data['train'])} training examples)"
+    spec = RunSpec(
+        auto_class=AutoModelForSequenceClassification,
+        config_kwargs={"num_labels": len(values), "id2label": dict(enumerate(names)),
+                       "label2id": {n: i for i, n in enumerate(names)}},
+        make_trainer=lambda model, args: DecorrTrainer(
+            model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
+            processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=compute_metrics),
+        data=data,
+        task_columns=TASK_COLUMNS,
+        note=TABLE_NOTE,
+        card={"task": "text-classification", "datasets": [script.dataset_name] if script.dataset_name else None,
+              "dataset_description": described, "extra_tags": ["text-classification"],
+              "training": {"max length (tokens)": script.max_length}},
     )
-    rows = [run_summary(name, result) for name, result in results.items()]
-    summary = {"command": command, "runs": rows, "wall_time_s": wall_time}
-    table = comparison_markdown(rows, TASK_COLUMNS, TABLE_NOTE)
-    print("\n" + table, flush=True)
-    if script.compare_baseline:
-        write_comparison(training_args.output_dir, summary, table, command)
-        print(f"written: {os.path.join(training_args.output_dir, 'comparison.md')} and comparison.json; "
-              f"wall time {wall_time:.0f} s", flush=True)
-    if push:
-        folder = list(results.values())[-1]["model_dir"]  # the penalised run when comparing
-        summary["push"] = push_final_model(folder, hub_model_id, hub_token, training_args)
-    return summary
+    return experiment.run(spec, script.compare_baseline)
 
 
 if __name__ == "__main__":

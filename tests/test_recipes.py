@@ -12,6 +12,7 @@ import torch
 from conftest import REPO_ROOT, SHARED_DATA
 
 from hf_decorr import DecorrTrainingArguments
+from hf_decorr.app.data import tokenize_prompt_completion
 from hf_decorr.app.models import resolve_model_path
 from hf_decorr.app.outputs import atomic_directory
 from hf_decorr.app.parser import DecorrArgumentParser, RecipeError, run_recipe
@@ -324,8 +325,7 @@ def test_instruction_data_masks_the_prompt(causal_lm, tiny_llama, instruction_fi
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     raw = load_dataset("json", data_files=instruction_file, split="train").select(range(6))
-    script = causal_lm.ScriptArguments(prompt_column="prompt", completion_column="completion", block_size=200)
-    data = causal_lm.tokenize_instructions({"train": raw}, tokenizer, script)["train"]
+    data = tokenize_prompt_completion({"train": raw}, tokenizer, "prompt", "completion", 200)["train"]
     for example, row in zip(data, raw):
         prompt_len = len(tokenizer(row["prompt"])["input_ids"])
         completion_len = len(tokenizer(row["completion"], add_special_tokens=False)["input_ids"]) + 1  # + eos

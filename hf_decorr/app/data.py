@@ -8,6 +8,10 @@ Two sources, never mixed:
   SST-2), ``.json`` / ``.jsonl`` (JSON lines), ``.parquet`` or ``.txt`` (one row per line, line
   breaks kept, column ``text``).
 
+For causal language models, :func:`tokenize_into_blocks` (a corpus: tokenize, concatenate, cut
+into blocks, as transformers' ``run_clm.py``) and :func:`tokenize_prompt_completion` (instruction
+data: labels -100 on the prompt).
+
 Every failure (a missing file, an unknown extension, a data set that cannot be reached, a
 column that does not exist) raises :class:`~hf_decorr.app.parser.RecipeError` naming the option.
 """
@@ -15,11 +19,20 @@ column that does not exist) raises :class:`~hf_decorr.app.parser.RecipeError` na
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
+from ..pooling import IGNORE_INDEX
 
 from .parser import RecipeError, one_line
 
-__all__ = ["LOCAL_FORMATS", "load_text_datasets", "require_columns"]
+__all__ = [
+    "LOCAL_FORMATS",
+    "load_text_datasets",
+    "require_columns",
+    "select_splits",
+    "tokenize_into_blocks",
+    "tokenize_prompt_completion",
+]
 
 # extension -> (datasets builder, builder kwargs)
 LOCAL_FORMATS: dict[str, tuple[str, dict]] = {
@@ -99,3 +112,80 @@ def require_columns(datasets, columns: Mapping[str, str | None], splits: list[st
                 raise RecipeError(
                     f"{option}={column!r} is not a column of the {split!r} split (its columns: {', '.join(names)})"
                 )
+
+
+def select_splits(datasets, dataset_name: str, wanted: Mapping[str, str | None], optional: Sequence[str] = ()) -> dict:
+    """``{role: datasets[split]}`` for ``wanted`` (role → split name of ``dataset_name``; ``None`` skips the role).
+
+    A split that does not exist raises ``RecipeError`` (``train_split='trian' is not a split of
+    'nyu-mll/glue' (its splits: …)``), unless its role is in ``optional``.
+    """
+    out = {}
+    for role, split in wanted.items():
+        if split is None or (split not in datasets and role in optional):
+            continue
+        if split not in datasets:
+            raise RecipeError(f"{role}_split={split!r} is not a split of {dataset_name!r} (its splits: "
+                              f"{', '.join(datasets)})")
+        out[role] = datasets[split]
+    return out
+
+
+def tokenize_into_blocks(datasets: Mapping, tokenizer, text_column: str, block_size: int) -> dict:
+    """Tokenize, concatenate and cut into blocks of ``block_size`` tokens (the remainder is dropped).
+
+    Every block is a training example with ``labels = input_ids``.
+    """
+
+    def encode(batch):
+        return tokenizer([str(t) if t is not None else "" for t in batch[text_column]])
+
+    def group(batch):
+        ids = [token for row in batch["input_ids"] for token in row]
+        usable = (len(ids) // block_size) * block_size
+        blocks = [ids[i: i + block_size] for i in range(0, usable, block_size)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks],
+                "labels": [list(b) for b in blocks]}
+
+    out = {}
+    for split, ds in datasets.items():
+        tokens = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}")
+        blocks = tokens.map(group, batched=True, batch_size=1000, remove_columns=tokens.column_names,
+                            desc=f"Blocks of {block_size} tokens ({split})")
+        if len(blocks) == 0:
+            raise RecipeError(f"the {split!r} split has fewer than block_size={block_size} tokens; lower block_size")
+        out[split] = blocks
+    return out
+
+
+def tokenize_prompt_completion(datasets: Mapping, tokenizer, prompt_column: str, completion_column: str,
+                               max_length: int) -> dict:
+    """``prompt + completion + eos`` with labels -100 on the prompt; truncated to ``max_length`` tokens.
+
+    Examples whose completion is cut away entirely are dropped.
+    """
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for prompt, completion in zip(batch[prompt_column], batch[completion_column]):
+            prompt_ids = tokenizer(str(prompt or ""))["input_ids"]
+            completion_ids = tokenizer(str(completion or ""), add_special_tokens=False)["input_ids"]
+            if eos is not None:
+                completion_ids = completion_ids + [eos]
+            ids = (prompt_ids + completion_ids)[:max_length]
+            labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
+            if all(label == IGNORE_INDEX for label in labels):
+                continue
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append(labels)
+        return out
+
+    out = {}
+    for split, ds in datasets.items():
+        encoded = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}")
+        if len(encoded) == 0:
+            raise RecipeError(f"no {split!r} example keeps a completion token within block_size={max_length}")
+        out[split] = encoded
+    return out

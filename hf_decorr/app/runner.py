@@ -1,21 +1,43 @@
-"""The recipes' shared main loop: push settings, the baseline and penalised runs, the comparison files, the push.
+"""The recipes' shared main loop: one model per run, the baseline and the penalised run, the comparison, the push.
 
-* :func:`take_push_settings`: the recipes push once, after the local output is complete.
-* :func:`run_baseline_and_penalty`: train without (λ = 0) and with the penalty from the same seed.
-* :func:`write_comparison`: ``comparison.json`` and ``comparison.md``, complete or absent.
+A recipe parses its arguments, prepares its data, and hands the rest to an :class:`Experiment`:
+
+    experiment = Experiment("recipes/text_classification.py", argv, training_args, model_args)
+    tokenizer = experiment.load_tokenizer()
+    data = ...  # {"train", "validation"[, "test"]}, ready for the trainer
+    summary = experiment.run(RunSpec(auto_class=..., make_trainer=..., data=data, task=..., task_columns=...))
+
+:meth:`Experiment.run` trains without (λ = 0) and with the penalty from the same seed (with
+``compare_baseline``; else the one configured run), saves each run's ``model/`` folder (weights,
+tokenizer, ``decorr_config.json``, model card, ``results.json``) complete or absent, writes
+``results.json`` per run and ``comparison.{json,md}``, and pushes the final model once, after the
+local output is complete (:func:`hf_decorr.app.hub.push_final_model`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .outputs import write_json_atomic, write_text_atomic
+from ..capture import resolve_layers
+from ..model_card import decorr_model_card, write_model_card
+from .hub import push_final_model
+from .models import load_pretrained_config, load_tokenizer, resolve_model_path
+from .outputs import atomic_directory, write_json_atomic, write_text_atomic
 from .parser import RecipeError
+from .reporting import comparison_markdown, layer_metrics, log_series, redacted_command
 
-__all__ = ["take_push_settings", "run_baseline_and_penalty", "write_comparison"]
+__all__ = [
+    "RunSpec",
+    "Experiment",
+    "summary_row",
+    "take_push_settings",
+    "run_baseline_and_penalty",
+    "write_comparison",
+]
 
 
 def take_push_settings(training_args: Any) -> tuple[bool, str | None, str | None]:
@@ -59,3 +81,171 @@ def write_comparison(output_dir: str, summary: dict, table: str, command: str) -
     write_json_atomic(os.path.join(output_dir, "comparison.json"), summary)
     write_text_atomic(os.path.join(output_dir, "comparison.md"),
                       f"# Baseline vs decorrelation penalty\n\nCommand: `{command}`\n\n{table}")
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """What a recipe decides about its runs; :meth:`Experiment.run` does the rest.
+
+    ``auto_class`` (e.g. ``AutoModelForSequenceClassification``) loads the model, with
+    ``config_kwargs`` passed to its config; ``make_trainer(model, args)`` builds the trainer on
+    ``data`` (``"train"``, ``"validation"`` and optionally ``"test"``, evaluated once at the end);
+    ``task_columns`` are the comparison table's task columns ``(key, header, decimals)``, a key
+    read from the run's metrics as ``eval_<key>``, ``<key>`` or (test split) ``<key>``;
+    ``finish_eval(metrics)`` may add derived metrics (perplexity); ``card`` holds the model card's
+    ``task``, ``datasets``, ``dataset_description``, ``extra_tags`` and recipe-specific
+    ``training`` rows.
+    """
+
+    auto_class: Any
+    make_trainer: Callable[[Any, Any], Any]
+    data: Mapping[str, Any]
+    task_columns: Sequence[tuple[str, str, int]]
+    note: str = ""
+    config_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    card: dict[str, Any] = dataclasses.field(default_factory=dict)
+    finish_eval: Callable[[dict], None] | None = None
+
+
+def summary_row(name: str, result: dict, task_columns: Sequence[tuple[str, str, int]]) -> dict:
+    """One row of the comparison: the task metrics of ``task_columns``, the layers' metrics, the logged penalty."""
+    eval_metrics, test_metrics = result["eval"], result.get("test") or {}
+    row: dict[str, Any] = {"run": name, "decorr_weight": result["decorr_weight"]}
+    for key, _, _ in task_columns:
+        for source, lookup in ((eval_metrics, f"eval_{key}"), (eval_metrics, key), (test_metrics, key)):
+            if lookup in source:
+                row[key] = source[lookup]
+                break
+        else:
+            row[key] = None
+    penalty, task = result["decorr_loss_log"], result["task_loss_log"]
+    row.update({
+        "layers": layer_metrics(eval_metrics, result["layers"]),
+        "decorr_loss_first": penalty[0] if penalty else None,
+        "decorr_loss_last": penalty[-1] if penalty else None,
+        "task_loss_first": task[0] if task else None,
+        "task_loss_last": task[-1] if task else None,
+        "train_runtime": result["train"].get("train_runtime"),
+        "model_dir": result["model_dir"],
+    })
+    return row
+
+
+class Experiment:
+    """One recipe invocation: the command line, the push settings, the model, and the runs.
+
+    ``model_args`` has ``model_name_or_path``, ``tokenizer_name``, ``model_revision`` and
+    ``base_model_id``. Construction takes the push settings out of ``training_args`` (the
+    Trainer must not contact the Hub; the push happens once, at the end) and loads the model's
+    config, so that a bad model fails before any data is read.
+    """
+
+    def __init__(self, program: str, argv: Sequence[str], training_args: Any, model_args: Any,
+                 trust_remote_code: bool = False) -> None:
+        self.program = program
+        self.command = redacted_command(program, argv)
+        self.training_args = training_args
+        self.model_args = model_args
+        self.trust_remote_code = trust_remote_code
+        self.push, self.hub_model_id, self.hub_token = take_push_settings(training_args)
+        load_pretrained_config(model_args.model_name_or_path, trust_remote_code=trust_remote_code,
+                               revision=model_args.model_revision)
+
+    def load_tokenizer(self):
+        """The tokenizer of ``tokenizer_name`` or of the model (one-line errors)."""
+        model_args = self.model_args
+        return load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path,
+                              "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path",
+                              trust_remote_code=self.trust_remote_code, revision=model_args.model_revision)
+
+    def train_one(self, name: str, run_dir: str, weight: float, spec: RunSpec) -> dict:
+        """Train one model with ``decorr_weight = weight``; save ``run_dir/model`` and ``run_dir/results.json``."""
+        from transformers import set_seed
+
+        model_args, base = self.model_args, self.training_args
+        args = dataclasses.replace(base, output_dir=run_dir, decorr_weight=weight, run_name=base.run_name or name)
+        config = load_pretrained_config(model_args.model_name_or_path, trust_remote_code=self.trust_remote_code,
+                                        revision=model_args.model_revision, **spec.config_kwargs)
+        set_seed(args.seed)
+        model = spec.auto_class.from_pretrained(resolve_model_path(model_args.model_name_or_path), config=config,
+                                                trust_remote_code=self.trust_remote_code,
+                                                revision=model_args.model_revision)
+        try:  # a bad decorr_layers spec is bad input: one line, before any training
+            resolve_layers(model, args.decorr_layers)
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+        trainer = spec.make_trainer(model, args)
+        print(f"\n=== run {name!r}: decorr_weight={weight}, penalised layers {trainer.decorr_layer_names} ===",
+              flush=True)
+        train_output = trainer.train()
+        eval_metrics = trainer.evaluate()
+        if spec.finish_eval is not None:
+            spec.finish_eval(eval_metrics)
+        test_metrics = trainer.evaluate(spec.data["test"], metric_key_prefix="test") if "test" in spec.data else None
+        model_dir = os.path.join(run_dir, "model")
+        result = {
+            "run": name,
+            "decorr_weight": weight,
+            "decorr": args.decorr_dict(),
+            "layers": trainer.decorr_layer_names,
+            "train": dict(train_output.metrics),
+            "eval": eval_metrics,
+            "test": test_metrics,
+            "decorr_loss_log": log_series(trainer.state.log_history, "decorr_loss"),
+            "task_loss_log": log_series(trainer.state.log_history, "task_loss"),
+            "train_samples": len(spec.data["train"]),
+            "eval_samples": len(spec.data["validation"]),
+            "seed": args.seed,
+            "trainer": type(trainer).__name__,
+            "command": self.command,
+            "model_dir": model_dir,
+        }
+        card_options = dict(spec.card)
+        training = {
+            "trainer": type(trainer).__name__,
+            "learning rate": args.learning_rate,
+            "epochs": args.num_train_epochs,
+            "max steps": args.max_steps if args.max_steps > 0 else None,
+            "batch size (per device)": args.per_device_train_batch_size,
+            **card_options.pop("training", {}),
+            "seed": args.seed,
+            "train runtime (s)": result["train"].get("train_runtime"),
+        }
+        card = decorr_model_card(
+            model_name=args.hub_model_id or os.path.basename(os.path.abspath(run_dir)),
+            decorr_settings=args.decorr_dict(),
+            layer_names=trainer.decorr_layer_names,
+            metrics={**eval_metrics, **(test_metrics or {})},
+            base_model=model_args.base_model_id or model_args.model_name_or_path,
+            training=training,
+            command=self.command,
+            **card_options,
+        )
+        with atomic_directory(model_dir) as tmp:
+            trainer.save_model(tmp)
+            write_model_card(tmp, card)
+            write_json_atomic(os.path.join(tmp, "results.json"), result)
+        write_json_atomic(os.path.join(run_dir, "results.json"), result)
+        print(f"saved {model_dir}", flush=True)
+        return result
+
+    def run(self, spec: RunSpec, compare_baseline: bool) -> dict:
+        """Train the run(s), write the comparison, push once; returns the summary (``runs``, ``wall_time_s``)."""
+        output_dir = self.training_args.output_dir
+        results, wall_time = run_baseline_and_penalty(
+            output_dir, self.training_args.decorr_weight, compare_baseline,
+            lambda name, run_dir, weight: self.train_one(name, run_dir, weight, spec),
+        )
+        rows = [summary_row(name, result, spec.task_columns) for name, result in results.items()]
+        summary: dict[str, Any] = {"command": self.command, "runs": rows, "wall_time_s": wall_time}
+        table = comparison_markdown(rows, spec.task_columns, spec.note)
+        print("\n" + table, flush=True)
+        if compare_baseline:
+            write_comparison(output_dir, summary, table, self.command)
+            print(f"written: {os.path.join(output_dir, 'comparison.md')} and comparison.json; "
+                  f"wall time {wall_time:.0f} s", flush=True)
+        if self.push:
+            folder = list(results.values())[-1]["model_dir"]  # the penalised run when comparing
+            summary["push"] = push_final_model(folder, self.hub_model_id, self.hub_token, self.training_args)
+        return summary
+
