@@ -46,6 +46,7 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_pt_utils import find_batch_size
 from transformers.trainer_utils import unwrap_peft_model
 
+from ._compat import undo_eval_only_prepare
 from .capture import (
     CapturedCall,
     HiddenStateCapture,
@@ -862,26 +863,14 @@ class DecorrTrainerMixin:
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        # transformers 5.24 + accelerate 1.15: an evaluation before train() under DDP prepares the model in
-        # evaluation mode (no DDP wrapper) but marks it prepared, so train() then skips the DDP wrapper and the
-        # processes silently stop synchronising gradients. Undo that mark after such an evaluation.
-        model = self.model
-        undo_eval_prepare = (
-            self.accelerator.num_processes > 1 and not self.is_in_train and not self.is_deepspeed_enabled
-            and not self.is_fsdp_enabled and self.model_wrapped is model
-            and not getattr(model, "_is_accelerate_prepared", False)
-        )
         self._decorr_eval_stats = {} if self.args.decorr_eval_metrics else None
         try:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                             metric_key_prefix)
+            with undo_eval_only_prepare(self):  # an evaluation before train() must not leave DDP unwrapped
+                output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                                 metric_key_prefix)
             stats = self._decorr_eval_stats
         finally:
             self._decorr_eval_stats = None
-            if undo_eval_prepare and self.model_wrapped is model and "_is_accelerate_prepared" in vars(model):
-                del model._is_accelerate_prepared
-                if model in self.accelerator._models:
-                    self.accelerator._models.remove(model)
         if stats is not None and output.metrics is not None:
             output.metrics.update(self.decorr_metrics_from_stats(stats, prefix=f"{metric_key_prefix}_decorr"))
         return output

@@ -1,0 +1,69 @@
+"""Workarounds for particular versions of accelerate / transformers, each behind a version gate.
+
+Every workaround here names the versions that need it (read from their sources) and does
+nothing on the others, so it can be deleted once the oldest supported version no longer needs it.
+
+* :func:`undo_eval_only_prepare` — accelerate ≥ 1.14 (``prepare_model`` returns a model marked
+  ``_is_accelerate_prepared`` unchanged, huggingface/accelerate#3977) with transformers' Trainer
+  (``evaluation_loop`` prepares a model that no training has prepared with
+  ``prepare_model(model, evaluation_mode=True)``, which under DDP does not wrap it but marks it
+  prepared). An ``evaluate()`` before ``train()`` on several processes then makes ``train()``
+  skip the DDP wrapper, and the processes silently stop averaging their gradients. Read in
+  accelerate 1.14.0 / 1.15.0 and transformers 5.24.0; accelerate ≤ 1.13 wraps it again and
+  needs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from packaging import version
+
+__all__ = ["accelerate_version", "needs_eval_prepare_undo", "undo_eval_only_prepare"]
+
+#: the first accelerate release whose ``prepare_model`` skips a model marked ``_is_accelerate_prepared``
+ACCELERATE_SKIPS_PREPARED_MODELS = version.Version("1.14.0")
+
+
+def accelerate_version() -> version.Version:
+    """The installed accelerate version."""
+    import accelerate
+
+    return version.Version(accelerate.__version__)
+
+
+def needs_eval_prepare_undo(accelerate: str | version.Version | None = None) -> bool:
+    """Whether ``accelerate`` (default: the installed one) needs :func:`undo_eval_only_prepare`.
+
+    Pre-releases of 1.14 (``1.14.0.dev0``) count as 1.14: the guard landed before the release.
+    """
+    installed = accelerate_version() if accelerate is None else version.Version(str(accelerate))
+    return installed.release >= ACCELERATE_SKIPS_PREPARED_MODELS.release
+
+
+@contextlib.contextmanager
+def undo_eval_only_prepare(trainer: Any) -> Iterator[None]:
+    """Around ``Trainer.evaluation_loop``: forget an evaluation-only ``prepare_model`` before training.
+
+    When the installed accelerate needs it (:func:`needs_eval_prepare_undo`), the trainer runs on
+    several processes without DeepSpeed or FSDP, is not training, and its model has not been
+    prepared yet, then after the evaluation the model's ``_is_accelerate_prepared`` mark and its
+    entry in ``accelerator._models`` are removed, so that ``train()`` prepares (DDP-wraps) it.
+    Anything else (one process, a model already wrapped by training) is left alone.
+    """
+    model = trainer.model
+    undo = (
+        needs_eval_prepare_undo()
+        and trainer.accelerator.num_processes > 1 and not trainer.is_in_train
+        and not trainer.is_deepspeed_enabled and not trainer.is_fsdp_enabled
+        and trainer.model_wrapped is model and not getattr(model, "_is_accelerate_prepared", False)
+    )
+    try:
+        yield
+    finally:
+        if undo and trainer.model_wrapped is model and "_is_accelerate_prepared" in vars(model):
+            del model._is_accelerate_prepared
+            if model in trainer.accelerator._models:
+                trainer.accelerator._models.remove(model)

@@ -1,0 +1,82 @@
+"""hf_decorr._compat: version-gated workarounds, checked against the installed versions' behaviour."""
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from conftest import REPO_ROOT
+from torch import nn
+
+from hf_decorr import _compat
+
+
+@pytest.mark.parametrize("version, needed", [("1.3.0", False), ("1.13.1", False), ("1.14.0.dev0", True),
+                                             ("1.14.0", True), ("1.15.0", True), ("2.0.0", True)])
+def test_eval_prepare_gate(version, needed):
+    assert _compat.needs_eval_prepare_undo(version) is needed
+
+
+def test_the_gate_matches_the_installed_accelerate():
+    """The premise of the gate: accelerate ≥ 1.14 returns a model marked prepared untouched (no autocast wrap)."""
+    code = (
+        "import torch\n"
+        "from accelerate import Accelerator\n"
+        "acc = Accelerator(cpu=True, mixed_precision='bf16')\n"
+        "model = torch.nn.Linear(2, 2)\n"
+        "model._is_accelerate_prepared = True\n"
+        "acc.prepare_model(model)\n"
+        "print('skipped' if '_original_forward' not in vars(model) else 'prepared again')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    skipped = proc.stdout.strip().splitlines()[-1] == "skipped"
+    assert skipped is _compat.needs_eval_prepare_undo()
+
+
+def _trainer(processes: int = 2, in_train: bool = False):
+    model = nn.Linear(2, 2)
+    accelerator = SimpleNamespace(num_processes=processes, _models=[])
+    return SimpleNamespace(model=model, model_wrapped=model, accelerator=accelerator, is_in_train=in_train,
+                           is_deepspeed_enabled=False, is_fsdp_enabled=False)
+
+
+def _eval_only_prepare(trainer):
+    """What transformers' evaluation_loop does to a model no training has prepared (DDP, evaluation mode)."""
+    trainer.model._is_accelerate_prepared = True
+    trainer.accelerator._models.append(trainer.model)
+
+
+@pytest.mark.parametrize("needed", [True, False])
+def test_undo_eval_only_prepare_on_several_processes(monkeypatch, needed):
+    monkeypatch.setattr(_compat, "needs_eval_prepare_undo", lambda: needed)
+    trainer = _trainer()
+    with _compat.undo_eval_only_prepare(trainer):
+        _eval_only_prepare(trainer)
+    assert ("_is_accelerate_prepared" in vars(trainer.model)) is not needed
+    assert (trainer.accelerator._models == [trainer.model]) is not needed
+
+
+def test_undo_happens_also_when_the_evaluation_fails(monkeypatch):
+    monkeypatch.setattr(_compat, "needs_eval_prepare_undo", lambda: True)
+    trainer = _trainer()
+    with pytest.raises(RuntimeError), _compat.undo_eval_only_prepare(trainer):
+        _eval_only_prepare(trainer)
+        raise RuntimeError("eval failed")
+    assert "_is_accelerate_prepared" not in vars(trainer.model) and trainer.accelerator._models == []
+
+
+@pytest.mark.parametrize("case", ["one process", "in train", "already prepared", "wrapped"])
+def test_undo_leaves_other_cases_alone(monkeypatch, case):
+    monkeypatch.setattr(_compat, "needs_eval_prepare_undo", lambda: True)
+    trainer = _trainer(processes=1 if case == "one process" else 2, in_train=case == "in train")
+    if case == "already prepared":
+        _eval_only_prepare(trainer)
+    if case == "wrapped":
+        trainer.model_wrapped = nn.Sequential(trainer.model)
+    with _compat.undo_eval_only_prepare(trainer):
+        if case != "already prepared":
+            _eval_only_prepare(trainer)
+    assert trainer.model._is_accelerate_prepared is True and trainer.model in trainer.accelerator._models
