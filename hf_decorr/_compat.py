@@ -11,17 +11,30 @@ nothing on the others, so it can be deleted once the oldest supported version no
   skip the DDP wrapper, and the processes silently stop averaging their gradients. Read in
   accelerate 1.14.0 / 1.15.0 and transformers 5.24.0; accelerate ≤ 1.13 wraps it again and
   needs nothing.
+* :data:`CHECKPOINTING_RENAMES`, :func:`checkpointing_option`, :func:`checkpointing_args` —
+  ``TrainingArguments.activation_checkpointing[_kwargs]`` is the name in transformers 5.24, where
+  ``gradient_checkpointing[_kwargs]`` is a deprecated alias (a ``FutureWarning``, removal in v6);
+  transformers 5.17 / 5.18 have only ``gradient_checkpointing[_kwargs]``. Code and configs use the
+  new name; these map it to the old one where the installed transformers lacks it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
 from packaging import version
 
-__all__ = ["accelerate_version", "needs_eval_prepare_undo", "undo_eval_only_prepare"]
+__all__ = [
+    "accelerate_version",
+    "needs_eval_prepare_undo",
+    "undo_eval_only_prepare",
+    "CHECKPOINTING_RENAMES",
+    "checkpointing_option",
+    "checkpointing_args",
+]
 
 #: the first accelerate release whose ``prepare_model`` skips a model marked ``_is_accelerate_prepared``
 ACCELERATE_SKIPS_PREPARED_MODELS = version.Version("1.14.0")
@@ -67,3 +80,40 @@ def undo_eval_only_prepare(trainer: Any) -> Iterator[None]:
             del model._is_accelerate_prepared
             if model in trainer.accelerator._models:
                 trainer.accelerator._models.remove(model)
+
+
+# ---------------------------------------------------------------------- activation checkpointing
+
+#: the current name of each TrainingArguments checkpointing option → its name before transformers 5.2x
+CHECKPOINTING_RENAMES = {
+    "activation_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+}
+
+
+def checkpointing_option(name: str = "activation_checkpointing", known: Any = None) -> str:
+    """The name under which ``known`` (an option-name collection; default: ``TrainingArguments``'s fields) takes ``name``.
+
+    ``name`` itself when it is known, else its pre-5.2x name (``gradient_checkpointing[_kwargs]``)
+    when that one is; any other name is returned unchanged.
+    """
+    if known is None:
+        from transformers import TrainingArguments
+
+        known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if name in known or name not in CHECKPOINTING_RENAMES:
+        return name
+    old = CHECKPOINTING_RENAMES[name]
+    return old if old in known else name
+
+
+def checkpointing_args(enabled: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """``TrainingArguments`` keywords that switch activation checkpointing on (or off) with ``kwargs``.
+
+    ``{"activation_checkpointing": True, "activation_checkpointing_kwargs": {...}}`` on transformers
+    5.24, the ``gradient_checkpointing`` names on versions without the new ones.
+    """
+    out: dict[str, Any] = {checkpointing_option("activation_checkpointing"): enabled}
+    if kwargs:
+        out[checkpointing_option("activation_checkpointing_kwargs")] = kwargs
+    return out

@@ -46,7 +46,7 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_pt_utils import find_batch_size
 from transformers.trainer_utils import unwrap_peft_model
 
-from ._compat import undo_eval_only_prepare
+from ._compat import checkpointing_option, undo_eval_only_prepare
 from .capture import (
     CapturedCall,
     HiddenStateCapture,
@@ -159,7 +159,8 @@ def _reentrant_message(name: str) -> str:
     return (
         f"decorr_layers: module {name!r} ran without autograd in the training forward, so the penalty cannot train "
         "anything through it: it runs inside a reentrant gradient-checkpointing region (use "
-        "gradient_checkpointing_kwargs={'use_reentrant': False}, or penalise the whole block) or under torch.no_grad"
+        f"{checkpointing_option('activation_checkpointing_kwargs')}={{'use_reentrant': False}}, or penalise the whole "
+        "block) or under torch.no_grad"
     )
 
 

@@ -80,3 +80,50 @@ def test_undo_leaves_other_cases_alone(monkeypatch, case):
         if case != "already prepared":
             _eval_only_prepare(trainer)
     assert trainer.model._is_accelerate_prepared is True and trainer.model in trainer.accelerator._models
+
+
+# ---------------------------------------------------------------------- activation checkpointing
+
+
+def test_checkpointing_names_follow_the_installed_transformers():
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    expected = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    assert _compat.checkpointing_option() == expected
+    assert set(_compat.checkpointing_args(True, use_reentrant=False)) == {expected, f"{expected}_kwargs"}
+    args = TrainingArguments(output_dir="unused", report_to="none", **_compat.checkpointing_args(True))
+    assert args.gradient_checkpointing is True  # the name every transformers 5.x reads
+
+
+def test_checkpointing_option_maps_to_the_old_name_only_when_needed():
+    old = {"gradient_checkpointing", "gradient_checkpointing_kwargs", "seed"}
+    new = old | {"activation_checkpointing", "activation_checkpointing_kwargs"}
+    assert _compat.checkpointing_option("activation_checkpointing", old) == "gradient_checkpointing"
+    assert _compat.checkpointing_option("activation_checkpointing_kwargs", old) == "gradient_checkpointing_kwargs"
+    assert _compat.checkpointing_option("activation_checkpointing", new) == "activation_checkpointing"
+    assert _compat.checkpointing_option("seed", old) == "seed"
+    assert _compat.checkpointing_option("no_such_option", old) == "no_such_option"
+
+
+def test_recipe_parser_takes_the_new_name_on_an_older_transformers(tmp_path):
+    """A dataclass with only the pre-5.2x names, as TrainingArguments had them: config and CLI both work."""
+    import dataclasses
+
+    from hf_decorr.app.parser import DecorrArgumentParser
+
+    @dataclasses.dataclass
+    class OldArguments:
+        gradient_checkpointing: bool = False
+        seed: int = 0
+
+    config = tmp_path / "c.yaml"
+    config.write_text("activation_checkpointing: true\n")
+    (parsed,) = DecorrArgumentParser(OldArguments).parse_args_and_config(["--config", str(config)])
+    assert parsed.gradient_checkpointing is True
+    (parsed,) = DecorrArgumentParser(OldArguments).parse_args_and_config(["--activation_checkpointing", "true"])
+    assert parsed.gradient_checkpointing is True
+    (parsed,) = DecorrArgumentParser(OldArguments).parse_args_and_config(["--activation_checkpointing=false"])
+    assert parsed.gradient_checkpointing is False

@@ -10,6 +10,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_decorr import DECORR_CONFIG_NAME, MODEL_TAG, DecorrTrainer, DecorrTrainingArguments, DivergenceError
+from hf_decorr._compat import checkpointing_args
 from hf_decorr.metrics import CovarianceAccumulator, decorrelation_metrics
 from tiny_models import model_and_data, tiny_bert, tiny_gpt2, token_dataset
 
@@ -198,7 +199,7 @@ def test_gradient_checkpointing_same_penalty_and_gradients(layers, tmp_path):
         model = tiny_bert(seed=3)
         recorder = GradRecorder()
         args = args_for(tmp_path, max_steps=1, per_device_train_batch_size=8, decorr_weight=1.0,
-                        decorr_layers=layers, activation_checkpointing=checkpointing)
+                        decorr_layers=layers, **checkpointing_args(checkpointing))
         trainer = DecorrTrainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
         trainer.train()
         results.append((logged(trainer, "decorr_loss")[0], recorder.grads[0]))
@@ -210,15 +211,13 @@ def test_gradient_checkpointing_same_penalty_and_gradients(layers, tmp_path):
 
 def test_reentrant_checkpointing_works_on_blocks_and_is_refused_inside(tmp_path):
     data = token_dataset(8, seed=4)
-    kwargs = {"use_reentrant": True}
     args = args_for(tmp_path, max_steps=1, per_device_train_batch_size=8, decorr_layers=["all"],
-                    activation_checkpointing=True, activation_checkpointing_kwargs=kwargs)
+                    **checkpointing_args(True, use_reentrant=True))
     trainer = DecorrTrainer(model=tiny_bert(), args=args, train_dataset=data)
     trainer.train()
     assert math.isfinite(logged(trainer, "decorr_loss")[0])
     args = args_for(tmp_path, max_steps=1, per_device_train_batch_size=8,
-                    decorr_layers=["bert.encoder.layer.0.attention"], activation_checkpointing=True,
-                    activation_checkpointing_kwargs=kwargs)
+                    decorr_layers=["bert.encoder.layer.0.attention"], **checkpointing_args(True, use_reentrant=True))
     trainer = DecorrTrainer(model=tiny_bert(), args=args, train_dataset=data)
     with pytest.raises(RuntimeError, match="ran without autograd.*use_reentrant"):
         trainer.train()

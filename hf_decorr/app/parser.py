@@ -6,7 +6,9 @@
         --decorr_weight 0.3 --seed 43
 
 The YAML mapping (read with ``yaml.safe_load``) replaces the dataclass defaults, and every
-flag given on the command line wins over the file. Unlike ``TrlParser`` it does not need TRL,
+flag given on the command line wins over the file. ``activation_checkpointing[_kwargs]`` (the
+name since transformers 5.2x) is passed as ``gradient_checkpointing[_kwargs]`` to an older
+transformers that lacks it. Unlike ``TrlParser`` it does not need TRL,
 and bad input never ends in a traceback: an unknown key in the file or on the command line, a
 value of the wrong type, a missing config file or a value rejected by a dataclass's
 ``__post_init__`` exits with status 2 and one line ``<prog>: error: <what is wrong>``.
@@ -27,6 +29,8 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 from transformers import HfArgumentParser
+
+from .._compat import checkpointing_option
 
 __all__ = [
     "DecorrArgumentParser",
@@ -108,11 +112,19 @@ class DecorrArgumentParser(HfArgumentParser):
             parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         return f"{source}: unknown option{'s' if len(parts) > 1 else ''} " + ", ".join(parts)
 
+    def _current_flag(self, item: str) -> str:
+        """``--activation_checkpointing[_kwargs]`` as ``--gradient_checkpointing…`` where transformers predates it."""
+        if not item.startswith("--"):
+            return item
+        name, sep, value = item[2:].partition("=")
+        return f"--{checkpointing_option(name, {action.dest for action in self._actions})}{sep}{value}"
+
     def apply_config(self, config: dict[str, Any], source: str) -> None:
         """Make the values of ``config`` the parser's defaults; unknown keys are an error."""
         actions: dict[str, list] = {}
         for action in self._actions:  # a bool field has two actions on one dest: --flag and --no_flag
             actions.setdefault(action.dest, []).append(action)
+        config = {checkpointing_option(key, actions): value for key, value in config.items()}
         unknown = [key for key in config if key not in actions or key == "help"]
         if unknown:
             self.error(self._unknown_key_message(unknown, source))
@@ -133,6 +145,7 @@ class DecorrArgumentParser(HfArgumentParser):
                 self.apply_config(read_config_file(config_path), f"--config {config_path}")
         except RecipeError as err:
             self.error(str(err))
+        argv = [self._current_flag(item) for item in argv]
         namespace, remaining = self.parse_known_args(argv)
         if remaining:
             flags = [item.lstrip("-").split("=", 1)[0] for item in remaining if item.startswith("-")]
