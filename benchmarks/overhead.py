@@ -133,7 +133,7 @@ def main() -> None:
             torch.cuda.synchronize()
             memory[kind] = torch.cuda.max_memory_allocated()
         else:
-            memory[kind] = saved_bytes(lambda: step(trainer))
+            memory[kind] = saved_bytes(lambda trainer=trainer: step(trainer))
 
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(opts.repeats):

@@ -92,7 +92,7 @@ CHECKPOINTING_RENAMES = {
 
 
 def checkpointing_option(name: str = "activation_checkpointing", known: Any = None) -> str:
-    """The name under which ``known`` (an option-name collection; default: ``TrainingArguments``'s fields) takes ``name``.
+    """The name under which ``known`` (option names; default: ``TrainingArguments``'s fields) takes ``name``.
 
     ``name`` itself when it is known, else its pre-5.2x name (``gradient_checkpointing[_kwargs]``)
     when that one is; any other name is returned unchanged.

@@ -508,8 +508,8 @@ class PenaltyGradientReplay:
             if tuple(tensor.shape) != tuple(grad.shape):
                 raise RuntimeError(
                     f"decorr: the cached loss's replay of call {self._index} gave {name!r} the shape "
-                    f"{tuple(tensor.shape)}, but its first pass gave {tuple(grad.shape)}; the penalty's gradient cannot "
-                    "be applied (the loss must replay its mini-batches in the order of its first pass)"
+                    f"{tuple(tensor.shape)}, but its first pass gave {tuple(grad.shape)}; the penalty's gradient "
+                    "cannot be applied (the loss must replay its mini-batches in the order of its first pass)"
                 )
             if not tensor.requires_grad:
                 return

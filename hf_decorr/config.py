@@ -91,8 +91,8 @@ class DecorrConfig:
     decorr_penalty: str = field(
         default="cov_l1",
         metadata={
-            "help": "Penalty: a name registered with hf_decorr.register_penalty. Built in: 'cov_l1' (the paper's L_Σ), "
-            "'decov', 'vicreg' (covariance term) or 'l1' (L1 activation).",
+            "help": "Penalty: a name registered with hf_decorr.register_penalty. Built in: 'cov_l1' (the paper's "
+            "L_Σ), 'decov', 'vicreg' (covariance term) or 'l1' (L1 activation).",
             "choices": PenaltyNames(),
         },
     )

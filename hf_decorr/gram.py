@@ -240,8 +240,8 @@ class GramFunction(torch.autograd.Function):
         if cov is None:
             cov = torch.zeros(*mean.shape, mean.shape[-1], dtype=cdtype, device=h.device)
         ctx.save_for_backward(h, m, index, mean, divisor)
-        ctx.chunk, ctx.precision, ctx.emulate, ctx.has_mask, ctx.has_index = chunk, precision, emulate, m is not None, \
-            index is not None
+        ctx.chunk, ctx.precision, ctx.emulate = chunk, precision, emulate
+        ctx.has_mask, ctx.has_index = m is not None, index is not None
         return cov / divisor.to(cdtype)[..., None, None]
 
     @staticmethod
@@ -374,8 +374,8 @@ class CovL1Function(torch.autograd.Function):
             packed[..., j0 // 8 : (j1 + 7) // 8] = pack_signs(block)
         scale = 1.0 / (p * p)
         ctx.save_for_backward(h, m, index, mean, divisor, packed)
-        ctx.chunk, ctx.precision, ctx.emulate, ctx.has_mask, ctx.has_index = chunk, precision, emulate, m is not None, \
-            index is not None
+        ctx.chunk, ctx.precision, ctx.emulate = chunk, precision, emulate
+        ctx.has_mask, ctx.has_index = m is not None, index is not None
         return total * scale / divisor.to(cdtype)
 
     @staticmethod

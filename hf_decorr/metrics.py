@@ -91,7 +91,7 @@ class CovarianceAccumulator:
         self.sum = self.sum + total
         self.outer = self.outer + outer
 
-    def merge_(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
+    def merge_(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         """Add another accumulator's statistics into this one (in place)."""
         if other.empty:
             return self

@@ -22,8 +22,9 @@ from .trainer import MODEL_TAG
 __all__ = ["FORMULA", "decorr_model_card", "write_model_card", "looks_like_hub_id"]
 
 FORMULA = (
-    "$$\\mathcal{L} = \\mathcal{L}_{\\text{task}} + \\lambda \\sum_{\\ell \\in \\text{layers}} L_\\Sigma(H_\\ell), \\qquad "
-    "L_\\Sigma(H) = \\frac{1}{p^2} \\sum_{i,j} |C_{ij}|, \\qquad C = \\frac{(H - \\bar h)^\\top (H - \\bar h)}{N - 1}$$"
+    "$$\\mathcal{L} = \\mathcal{L}_{\\text{task}} + \\lambda \\sum_{\\ell \\in \\text{layers}} "
+    "L_\\Sigma(H_\\ell), \\qquad L_\\Sigma(H) = \\frac{1}{p^2} \\sum_{i,j} |C_{ij}|, \\qquad "
+    "C = \\frac{(H - \\bar h)^\\top (H - \\bar h)}{N - 1}$$"
 )
 
 _PENALTY_TEXT = {

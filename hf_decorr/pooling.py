@@ -89,7 +89,8 @@ def pool_hidden(
     if mask is None:
         raise ValueError(
             f"decorr_pooling='last' needs an attention mask to find the last non-padding token of {layer!r}, but the "
-            "batch has none (no 'attention_mask'); pass one from your collator or use decorr_pooling='mean' or 'tokens'"
+            "batch has none (no 'attention_mask'); pass one from your collator or use decorr_pooling='mean' or "
+            "'tokens'"
         )
     positions = torch.arange(length, device=hidden.device)
     last = torch.where(mask, positions, -1).argmax(dim=1)

@@ -289,7 +289,8 @@ class DecorrTrainerMixin:
                               description=f"custom penalty of the covariance ({name})")
         else:
             raise TypeError(
-                f"decorr_penalty_fn must be a hf_decorr.Penalty or a callable of the covariance, got {type(fn).__name__}"
+                "decorr_penalty_fn must be a hf_decorr.Penalty or a callable of the covariance, got "
+                f"{type(fn).__name__}"
             )
         if overridden and not penalty.of_covariance:
             raise ValueError(
@@ -334,7 +335,8 @@ class DecorrTrainerMixin:
             candidates = mask_like_keys(inputs, decoder_side=decoder)
             if candidates:
                 raise MissingMaskError(
-                    f"decorr: the (batch, sequence, p) output of {layer!r} needs a mask of its valid positions, but its "
+                    f"decorr: the (batch, sequence, p) output of {layer!r} needs a mask of its valid positions, "
+                    "but its "
                     f"forward call has no {'decoder_attention_mask or labels' if decoder else 'attention_mask'}; keys "
                     f"that look like masks: {candidates}. Padding is never counted as samples: pass the mask to the "
                     "model as attention_mask, or override decorr_samples to choose it"
@@ -662,7 +664,8 @@ class DecorrTrainerMixin:
                         f"so the penalty cannot train anything through {self._decorr_layer_names}: the model runs "
                         "under torch.no_grad or inference_mode"
                     )
-                calls = [CapturedCall(c.inputs, True, {n: h.detach().requires_grad_(True) for n, h in c.outputs.items()})
+                calls = [CapturedCall(c.inputs, True,
+                                      {n: h.detach().requires_grad_(True) for n, h in c.outputs.items()})
                          for c in calls]
             elif active:
                 for call in calls:

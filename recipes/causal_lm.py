@@ -15,8 +15,14 @@ token). ``--use_trl`` trains with TRL's ``SFTTrainer`` (``hf_decorr.trl.DecorrSF
 takes every ``SFTConfig`` option; TRL then tokenizes prompt-completion data itself
 (``completion_only_loss``). Evaluation reports the loss, perplexity and the decorrelation metrics.
 
+    python recipes/causal_lm.py --config recipes/configs/causal_lm_tiny_shakespeare.yaml
     python recipes/causal_lm.py --config recipes/configs/causal_lm_tiny_shakespeare.yaml \
         --model_name_or_path <a causal LM folder or Hub id>
+
+The first runs offline on a fresh clone: a 180 KB seeded subset of tiny Shakespeare shipped in
+``recipes/data/tinyshakespeare`` and a new 2-block Llama built from
+``recipes/configs/models/tiny_llama.json`` with a character tokenizer (``model_config``): a smoke
+run of the pipeline, not a useful language model. The second fine-tunes a pretrained model.
 
 Outputs as in ``text_classification.py``: ``<run>/model`` (model, tokenizer, decorr_config.json,
 README.md card, results.json), ``<run>/results.json``, and with ``--compare_baseline`` the
@@ -43,6 +49,7 @@ from hf_decorr.app.data import (
     tokenize_into_blocks,
     tokenize_prompt_completion,
 )
+from hf_decorr.app.models import character_tokenizer
 from hf_decorr.app.parser import DecorrArgumentParser, RecipeError, read_config_file, run_recipe, split_config_flag
 from hf_decorr.app.runner import Experiment, RunSpec
 from hf_decorr.pooling import IGNORE_INDEX
@@ -84,10 +91,16 @@ class ScriptArguments:
 
 @dataclass
 class ModelArguments:
-    """The pretrained model."""
+    """The pretrained model, or a config for a new one."""
 
-    model_name_or_path: str = field(
-        metadata={"help": "Hub model id, local folder, or pypi:<package> (a model shipped in a Python package)."}
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub model id, local folder, or pypi:<package> (a model shipped in a Python package)."},
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "Without model_name_or_path: build a new, randomly initialised model from this config file "
+                  "(JSON with model_type), with a character tokenizer of the data (a smoke run, not a useful model)."},
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
@@ -230,14 +243,20 @@ def main(argv: list[str] | None = None) -> dict:
         print("note: instruction data with decorr_mask='attention_mask' counts prompt tokens as samples of the "
               "penalty; set decorr_mask: labels to use the completion tokens only", file=sys.stderr)
     experiment = Experiment("recipes/causal_lm.py", argv, training_args, model_args, trust_remote_code)
-    tokenizer = experiment.load_tokenizer()
+    raw = load_data(script, training_args.seed)
+    if experiment.builds_new_model:
+        columns = [c for c in (script.text_column, script.prompt_column, script.completion_column) if c]
+        texts = (t for ds in raw.values() for c in columns if c in ds.column_names for t in ds[c])
+        tokenizer = experiment.use_tokenizer(character_tokenizer(texts))
+    else:
+        tokenizer = experiment.load_tokenizer()
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise RecipeError("the tokenizer has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     if script.use_trl and hasattr(training_args, "max_length"):
         training_args.max_length = script.block_size
-    data = prepare_data(load_data(script, training_args.seed), tokenizer, script)
+    data = prepare_data(raw, tokenizer, script)
     spec = RunSpec(
         auto_class=AutoModelForCausalLM,
         make_trainer=lambda model, args: make_trainer(model, args, script, data, tokenizer),

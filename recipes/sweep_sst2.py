@@ -83,7 +83,8 @@ def choose_weight(summary: dict[float, dict], max_drop: float) -> float | None:
     if 0.0 not in summary:
         return None
     floor = summary[0.0]["accuracy"][0] - max_drop
-    candidates = [w for w, s in summary.items() if w > 0 and s["accuracy"][0] is not None and s["accuracy"][0] >= floor]
+    candidates = [w for w, s in summary.items()
+                  if w > 0 and s["accuracy"][0] is not None and s["accuracy"][0] >= floor]
     if not candidates:
         return None
     return min(candidates, key=lambda w: summary[w]["mapc_mean"][0])
@@ -106,7 +107,8 @@ def markdown(summary: dict[float, dict], chosen: float | None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for weight in sorted(summary):
         s = summary[weight]
-        label = f"{weight:g}" + (" (baseline)" if weight == 0 else "") + (" ← chosen on dev" if weight == chosen else "")
+        label = (f"{weight:g}" + (" (baseline)" if weight == 0 else "")
+                 + (" ← chosen on dev" if weight == chosen else ""))
         cells = [label, str(s["n"]), _pm(s["accuracy"], 4), _pm(s["f1_macro"], 4)]
         for metric, digits in (("mapc", 4), ("cvr", 2), ("ud", 1)):
             cells += [_pm(s["layers"][layer][metric], digits) for layer in layers]

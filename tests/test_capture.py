@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit
 from torch import nn
 
 from hf_decorr.capture import HiddenStateCapture, find_block_stacks, first_tensor, resolve_layers
 from hf_decorr.pooling import mask_from_inputs, pool_hidden
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit
 
 EXPECTED_STACKS = {
     "bert": (tiny_bert, ["bert.encoder.layer"]),

@@ -25,11 +25,12 @@ import subprocess
 import sys
 import time
 
+import dist_worker as w
 import pytest
 import torch
-
-import dist_worker as w
 from conftest import REPO_ROOT
+from tiny_models import tiny_bert
+
 from hf_decorr.distributed import (
     choose_strategy,
     communication_volume,
@@ -39,7 +40,6 @@ from hf_decorr.distributed import (
 )
 from hf_decorr.metrics import CovarianceAccumulator
 from hf_decorr.penalties import decorrelation_penalty
-from tiny_models import tiny_bert
 
 TOL = 1e-5
 LAUNCH_TIMEOUT_S = 300
@@ -252,7 +252,8 @@ def test_penalty_weight_ignores_the_task_loss_world_size_factor(two, one):
         # the task-loss trap itself (documented in docs/DISTRIBUTED.md): W × the task update and logged loss
         no_penalty = runs["tokens/avg_tokens/no_penalty"]["params"]
         task_2 = torch.cat([(no_penalty[n] - before[n]).reshape(-1) for n in before])
-        task_1 = torch.cat([(one["tokens/avg_tokens/no_penalty"]["params"][n] - before[n]).reshape(-1) for n in before])
+        one_no_penalty = one["tokens/avg_tokens/no_penalty"]["params"]
+        task_1 = torch.cat([(one_no_penalty[n] - before[n]).reshape(-1) for n in before])
         assert rel(task_2, 2 * task_1) <= 1e-4
         log2, log1 = runs["tokens/avg_tokens"]["logs"][0], one["tokens/avg_tokens"]["logs"][0]
         assert log2["task_loss"] == pytest.approx(2 * log1["task_loss"], rel=1e-5)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import csv
 import math
 import os
+
 import pytest
 import torch
-from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
 from conftest import SHARED_DATA
-from hf_decorr import DecorrSeq2SeqTrainer, DecorrSeq2SeqTrainingArguments, DecorrTrainer, DecorrTrainingArguments
+from datasets import Dataset
 from test_trainer import COMMON, GradRecorder, logged
 from tiny_models import tiny_bert, tiny_llama, tiny_t5, tiny_word_tokenizer, token_dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from hf_decorr import DecorrSeq2SeqTrainer, DecorrSeq2SeqTrainingArguments, DecorrTrainer, DecorrTrainingArguments
 
 
 def test_peft_lora(tmp_path):
@@ -46,8 +47,9 @@ def test_peft_lora(tmp_path):
 def test_seq2seq_trainer_t5(tmp_path):
     model = tiny_t5()
     data = token_dataset(8, kind="seq2seq")
-    args = DecorrSeq2SeqTrainingArguments(output_dir=str(tmp_path), **COMMON, max_steps=2, per_device_train_batch_size=4,
-                                          logging_steps=1, decorr_layers=["encoder:-1", "decoder:-1"],
+    args = DecorrSeq2SeqTrainingArguments(output_dir=str(tmp_path), **COMMON, max_steps=2,
+                                          per_device_train_batch_size=4, logging_steps=1,
+                                          decorr_layers=["encoder:-1", "decoder:-1"],
                                           predict_with_generate=True, generation_max_length=5)
     trainer = DecorrSeq2SeqTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
     trainer.train()

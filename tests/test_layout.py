@@ -192,3 +192,18 @@ def test_importing_the_core_does_not_load_the_application_package():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == ""
+
+
+def test_no_product_file_depends_on_shared():
+    """Recipes, configs, docs and the package run on a fresh clone: nothing names ../shared."""
+    offenders = []
+    for top in ("recipes", "hf_decorr", "docs", "examples", "README.md"):
+        path = os.path.join(REPO_ROOT, top)
+        files = [path] if os.path.isfile(path) else [os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns]
+        for name in files:
+            if name.endswith((".png", ".safetensors", ".bin", ".pyc")):
+                continue
+            with open(name, encoding="utf-8", errors="replace") as f:
+                if "../shared" in f.read():
+                    offenders.append(os.path.relpath(name, REPO_ROOT))
+    assert offenders == []

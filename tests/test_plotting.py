@@ -8,6 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from hf_decorr.app.reporting import (
+    aggregate,
+    format_mean_std,
+    markdown_table,
+    mean_std,
+    staged_directory,
+    to_jsonable,
+    write_json,
+    write_text,
+)
 from hf_decorr.metrics import CovarianceAccumulator, decorrelation_metrics
 from hf_decorr.plotting import (
     correlation_from_covariance,
@@ -20,16 +30,6 @@ from hf_decorr.plotting import (
     plot_spectrum,
     save_figure,
     spectrum,
-)
-from hf_decorr.app.reporting import (
-    aggregate,
-    format_mean_std,
-    markdown_table,
-    mean_std,
-    staged_directory,
-    to_jsonable,
-    write_json,
-    write_text,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ from hf_decorr.app.parser import DecorrArgumentParser, RecipeError, run_recipe
 from hf_decorr.pooling import IGNORE_INDEX, mask_from_inputs
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "recipes", "configs", "sst2_minilm_default.yaml")
-SHAKESPEARE = os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")
+SHAKESPEARE = os.path.join(REPO_ROOT, "recipes", "data", "tinyshakespeare", "input.txt")  # the shipped subset
 
 
 def load_recipe(name: str):
@@ -316,6 +316,27 @@ def test_causal_lm_smoke_tiny_shakespeare(causal_lm, request, tmp_path, family, 
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "decorr" / "model").config.num_hidden_layers == 2
+
+
+def test_causal_lm_default_config_runs_offline_with_a_new_tiny_model(causal_lm, tmp_path, monkeypatch):
+    """The README's causal-LM command on a fresh clone: the shipped corpus, a model built from the shipped config."""
+    monkeypatch.chdir(REPO_ROOT)
+    out = tmp_path / "out"
+    summary = causal_lm.main(
+        ["--config", os.path.join("recipes", "configs", "causal_lm_tiny_shakespeare.yaml"), "--output_dir", str(out),
+         "--block_size", "32", "--max_steps", "2", "--logging_steps", "1", "--max_eval_samples", "8",
+         "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
+    )
+    assert [r["run"] for r in summary["runs"]] == ["baseline", "decorr"]
+    assert (out / "comparison.md").is_file()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "decorr" / "model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "decorr" / "model")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 2
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        assert model.config.vocab_size == len(tokenizer) == 4 + len(set(f.read()))  # specials + characters
+    assert tokenizer.decode(tokenizer("To be")["input_ids"], skip_special_tokens=True) == "To be"
 
 
 def test_instruction_data_masks_the_prompt(causal_lm, tiny_llama, instruction_file):

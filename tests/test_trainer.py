@@ -7,12 +7,12 @@ import os
 
 import pytest
 import torch
+from tiny_models import model_and_data, tiny_bert, tiny_gpt2, token_dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_decorr import DECORR_CONFIG_NAME, MODEL_TAG, DecorrTrainer, DecorrTrainingArguments, DivergenceError
 from hf_decorr._compat import checkpointing_args
 from hf_decorr.metrics import CovarianceAccumulator, decorrelation_metrics
-from tiny_models import model_and_data, tiny_bert, tiny_gpt2, token_dataset
 
 COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", eval_strategy="no", disable_tqdm=True,
               train_sampling_strategy="sequential", max_grad_norm=0.0, seed=0, data_seed=0)

@@ -22,7 +22,6 @@ import os
 from collections.abc import Mapping, Sequence
 
 from ..pooling import IGNORE_INDEX
-
 from .parser import RecipeError, one_line
 
 __all__ = [

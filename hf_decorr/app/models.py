@@ -7,17 +7,31 @@
 * :func:`load_pretrained_config` loads the model's ``config.json`` up front and turns every
   failure (missing folder, unknown Hub id, no network) into one :class:`~hf_decorr.app.parser.RecipeError`.
 * :func:`load_tokenizer`: ``AutoTokenizer.from_pretrained`` with the same one-line errors.
+* :func:`load_model_config_file` and :func:`character_tokenizer`: a new, randomly initialised
+  model built from a config file, with a character-level tokenizer of the training text (for a
+  smoke run that needs no pretrained model).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from .parser import RecipeError, one_line
 
-__all__ = ["PYPI_PREFIX", "resolve_model_path", "load_pretrained_config", "load_tokenizer"]
+__all__ = [
+    "PYPI_PREFIX",
+    "resolve_model_path",
+    "load_pretrained_config",
+    "load_tokenizer",
+    "load_model_config_file",
+    "character_tokenizer",
+]
+
+CHARACTER_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
 PYPI_PREFIX = "pypi:"
 
@@ -86,3 +100,37 @@ def load_tokenizer(name_or_path: str, option: str, trust_remote_code: bool = Fal
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as err:  # noqa: BLE001
         raise RecipeError(f"cannot load a tokenizer from {source!r}: {one_line(err)}") from None
+
+
+def load_model_config_file(path: str, option: str = "model_config"):
+    """A transformers config from a JSON file with a ``model_type`` (``AutoConfig.for_model``); one-line errors."""
+    from transformers import AutoConfig
+
+    if not os.path.isfile(path):
+        raise RecipeError(f"{option}={path!r}: no such file (relative paths start at {os.getcwd()})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+        model_type = settings.pop("model_type")
+        return AutoConfig.for_model(model_type, **settings)
+    except KeyError:
+        raise RecipeError(f"{option}={path!r}: the file has no model_type (e.g. \"llama\")") from None
+    except Exception as err:  # noqa: BLE001 - a config that cannot be built is bad input
+        raise RecipeError(f"{option}={path!r}: not a transformers config: {one_line(err)}") from None
+
+
+def character_tokenizer(texts: Iterable[str]):
+    """A fast tokenizer with one token per character of ``texts`` (after ``<pad> <s> </s> <unk>``).
+
+    Every encoded text starts with ``<s>``; characters not seen in ``texts`` become ``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted({char for text in texts for char in str(text or "")} - set(CHARACTER_SPECIALS))
+    vocab = {token: i for i, token in enumerate([*CHARACTER_SPECIALS, *chars])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per character
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")

@@ -16,6 +16,7 @@ local output is complete (:func:`hf_decorr.app.hub.push_final_model`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -25,7 +26,7 @@ from typing import Any
 from ..capture import resolve_layers
 from ..model_card import decorr_model_card, write_model_card
 from .hub import push_final_model
-from .models import load_pretrained_config, load_tokenizer, resolve_model_path
+from .models import load_model_config_file, load_pretrained_config, load_tokenizer, resolve_model_path
 from .outputs import atomic_directory, write_json_atomic, write_text_atomic
 from .parser import RecipeError
 from .reporting import comparison_markdown, layer_metrics, log_series, redacted_command
@@ -135,9 +136,11 @@ class Experiment:
     """One recipe invocation: the command line, the push settings, the model, and the runs.
 
     ``model_args`` has ``model_name_or_path``, ``tokenizer_name``, ``model_revision`` and
-    ``base_model_id``. Construction takes the push settings out of ``training_args`` (the
-    Trainer must not contact the Hub; the push happens once, at the end) and loads the model's
-    config, so that a bad model fails before any data is read.
+    ``base_model_id``, and may have ``model_config``: a config file from which a new, randomly
+    initialised model is built when no ``model_name_or_path`` is given (the tokenizer then comes
+    from :meth:`use_tokenizer`). Construction takes the push settings out of ``training_args``
+    (the Trainer must not contact the Hub; the push happens once, at the end) and loads the
+    model's config, so that a bad model fails before any data is read.
     """
 
     def __init__(self, program: str, argv: Sequence[str], training_args: Any, model_args: Any,
@@ -147,16 +150,54 @@ class Experiment:
         self.training_args = training_args
         self.model_args = model_args
         self.trust_remote_code = trust_remote_code
+        self.tokenizer = None
         self.push, self.hub_model_id, self.hub_token = take_push_settings(training_args)
-        load_pretrained_config(model_args.model_name_or_path, trust_remote_code=trust_remote_code,
-                               revision=model_args.model_revision)
+        self.new_model_config = None
+        config_file = getattr(model_args, "model_config", None)
+        if model_args.model_name_or_path:
+            load_pretrained_config(model_args.model_name_or_path, trust_remote_code=trust_remote_code,
+                                   revision=model_args.model_revision)
+        elif config_file:
+            self.new_model_config = load_model_config_file(config_file)
+        else:
+            raise RecipeError("model_name_or_path is required: a Hub model id, a local folder or pypi:<package>"
+                              + (" (or model_config: a config file for a new model)"
+                                 if hasattr(model_args, "model_config") else ""))
+
+    @property
+    def builds_new_model(self) -> bool:
+        """Whether the model is built from ``model_config`` (randomly initialised) rather than loaded."""
+        return self.new_model_config is not None
 
     def load_tokenizer(self):
         """The tokenizer of ``tokenizer_name`` or of the model (one-line errors)."""
         model_args = self.model_args
-        return load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path,
-                              "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path",
-                              trust_remote_code=self.trust_remote_code, revision=model_args.model_revision)
+        self.tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path,
+                                        "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path",
+                                        trust_remote_code=self.trust_remote_code, revision=model_args.model_revision)
+        return self.tokenizer
+
+    def use_tokenizer(self, tokenizer):
+        """Use ``tokenizer`` (e.g. a character tokenizer for a new model); its size sets the new model's vocabulary."""
+        self.tokenizer = tokenizer
+        return tokenizer
+
+    def _model(self, spec: RunSpec):
+        model_args = self.model_args
+        if self.builds_new_model:
+            config = copy.deepcopy(self.new_model_config)
+            tok = self.tokenizer
+            config.vocab_size = len(tok)
+            config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+                tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+            for key, value in spec.config_kwargs.items():
+                setattr(config, key, value)
+            return spec.auto_class.from_config(config)
+        config = load_pretrained_config(model_args.model_name_or_path, trust_remote_code=self.trust_remote_code,
+                                        revision=model_args.model_revision, **spec.config_kwargs)
+        return spec.auto_class.from_pretrained(resolve_model_path(model_args.model_name_or_path), config=config,
+                                               trust_remote_code=self.trust_remote_code,
+                                               revision=model_args.model_revision)
 
     def train_one(self, name: str, run_dir: str, weight: float, spec: RunSpec) -> dict:
         """Train one model with ``decorr_weight = weight``; save ``run_dir/model`` and ``run_dir/results.json``."""
@@ -164,12 +205,8 @@ class Experiment:
 
         model_args, base = self.model_args, self.training_args
         args = dataclasses.replace(base, output_dir=run_dir, decorr_weight=weight, run_name=base.run_name or name)
-        config = load_pretrained_config(model_args.model_name_or_path, trust_remote_code=self.trust_remote_code,
-                                        revision=model_args.model_revision, **spec.config_kwargs)
         set_seed(args.seed)
-        model = spec.auto_class.from_pretrained(resolve_model_path(model_args.model_name_or_path), config=config,
-                                                trust_remote_code=self.trust_remote_code,
-                                                revision=model_args.model_revision)
+        model = self._model(spec)
         try:  # a bad decorr_layers spec is bad input: one line, before any training
             resolve_layers(model, args.decorr_layers)
         except ValueError as err:
@@ -216,7 +253,8 @@ class Experiment:
             decorr_settings=args.decorr_dict(),
             layer_names=trainer.decorr_layer_names,
             metrics={**eval_metrics, **(test_metrics or {})},
-            base_model=model_args.base_model_id or model_args.model_name_or_path,
+            base_model=model_args.base_model_id or model_args.model_name_or_path
+            or f"a new model built from {model_args.model_config}",
             training=training,
             command=self.command,
             **card_options,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Rebuild the SST-2 files shipped in recipes/data/sst2 from the GLUE SST-2 tsv files.
 
-    python recipes/data/make_sst2_subset.py --source ../shared/data/sst2 --train_size 3000 --seed 0
+    python recipes/data/make_sst2_subset.py --source <folder with GLUE SST-2 tsv files> --train_size 3000 --seed 0
 
 * ``train.tsv``: ``train_size`` rows drawn without replacement from the 67,349 GLUE training
   phrases with ``random.Random(seed).sample``, written in their original order;

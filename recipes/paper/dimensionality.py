@@ -54,6 +54,7 @@ from paper_common import (  # noqa: E402
     training_arguments,
 )
 
+from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
 from hf_decorr.metrics import decorrelation_metrics  # noqa: E402
 from hf_decorr.models import LinearAutoencoder, LinearAutoencoderConfig  # noqa: E402
 from hf_decorr.penalties import PENALTIES  # noqa: E402
@@ -64,7 +65,6 @@ from hf_decorr.plotting import (  # noqa: E402
     plot_metric_curves,
     save_figure,
 )
-from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
 
 METRICS = ("mse", "rel_mse", "mapc", "mapc_active", "cvr", "tdv", "ud", "pca_ud", "active_units")
 ACTIVE_SHARE = 0.01  # a unit is "active" when it holds at least 1% of the layer's total variance
@@ -108,14 +108,14 @@ class DimensionalityArguments:
     learning_rate: float = field(default=0.01, metadata={"help": "Adam learning rate."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers learning-rate schedule."})
     min_tdv: float = field(default=0.95, metadata={"help": "Claim threshold: TdV (d = number of latent factors)."})
-    min_share_of_draws: float = field(default=0.8, metadata={"help": "Claim threshold: share of draws that must pass."})
+    min_share_of_draws: float = field(default=0.8, metadata={"help": "Claim threshold: share of draws to pass."})
     max_mse_ratio: float = field(default=2.0, metadata={"help": "Claim threshold: MSE(λ) / MSE(0) at most this."})
     recommended_weight: float | None = field(
         default=None,
         metadata={"help": "λ at which to check the claim; default: the smallest λ of the grid that passes."},
     )
     seed: int = field(default=0, metadata={"help": "Base seed; draw k uses seed + k."})
-    num_threads: int = field(default=1, metadata={"help": "torch intra-op threads (1 is fastest for this tiny model)."})
+    num_threads: int = field(default=1, metadata={"help": "torch intra-op threads (1 is fastest for a tiny model)."})
     quick: bool = field(default=False, metadata={"help": "Tiny settings for smoke tests (2 draws, 2 λ, 2 epochs)."})
 
     def __post_init__(self) -> None:
@@ -413,7 +413,8 @@ def write_report(out: str, args: DimensionalityArguments, records: list[dict], c
         f"- structure (UD_90% ∈ {{3, 4}} and TdV ≥ {args.min_tdv} in ≥ {claim['draws_needed']} of {args.num_draws} "
         f"draws): **{'yes' if claim['structure_reproduced'] else 'no'}**",
         f"- MSE within {args.max_mse_ratio:g}× of λ = 0: **{'yes' if claim['mse_within_ratio'] else 'no'}**"
-        + (f" (ratio of means {claim['at_recommended']['mse_ratio_of_means']:.3g})" if claim["at_recommended"] else ""),
+        + (f" (ratio of means {claim['at_recommended']['mse_ratio_of_means']:.3g})"
+           if claim["at_recommended"] else ""),
     ]
     comp = claim["l1_comparison"]
     if comp is not None:
@@ -534,7 +535,8 @@ def main(argv: list[str] | None = None) -> dict:
         timing = {**clock.elapsed(), "cpus": cpu_count()}
         write_report(out, args, records, claim, timing)
         draw_figures(out, args, records, claim)
-    print(f"wrote {args.output_dir}: recommended λ = {claim['recommended_weight']}, reproduced = {claim['reproduced']}")
+    print(f"wrote {args.output_dir}: recommended λ = {claim['recommended_weight']}, "
+          f"reproduced = {claim['reproduced']}")
     return {"claim": claim, "timing": timing, "records": records}
 
 

@@ -57,6 +57,7 @@ from paper_common import (  # noqa: E402
     training_arguments,
 )
 
+from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
 from hf_decorr.models import ConvAutoencoder, ConvAutoencoderConfig  # noqa: E402
 from hf_decorr.penalties import PENALTIES  # noqa: E402
 from hf_decorr.plotting import (  # noqa: E402
@@ -66,7 +67,6 @@ from hf_decorr.plotting import (  # noqa: E402
     plot_spectra,
     save_figure,
 )
-from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
 
 DATASETS = ("digits", "cifar10")
 METRICS = ("mse", "cvr", "ud", "pca_ud", "mapc", "live_units", "epochs")

@@ -75,7 +75,9 @@ class TensorDictDataset(torch.utils.data.Dataset):
         return {key: t[index] for key, t in self.tensors.items()}
 
 
-def batch_collator(batch: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def batch_collator(
+    batch: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
     """Pass a batch from :meth:`TensorDictDataset.__getitems__` through; stack a list of rows."""
     if isinstance(batch, Mapping):
         return dict(batch)

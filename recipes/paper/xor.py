@@ -53,9 +53,9 @@ from paper_common import (  # noqa: E402
     training_arguments,
 )
 
+from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
 from hf_decorr.models import XorMLP, XorMLPConfig  # noqa: E402
 from hf_decorr.plotting import new_figure, plot_covariance, plot_spectra, save_figure  # noqa: E402
-from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
 
 LAYERS = ("hidden.0", "hidden.1")
 CONDITIONS = ("none", "cov_l1")
@@ -76,7 +76,8 @@ class XorArguments:
     learning_rate: float = field(default=0.05, metadata={"help": "Adam learning rate (constant)."})
     active_threshold: float = field(
         default=0.01,
-        metadata={"help": "Absolute rule: a unit is active when its activation variance over the 4 inputs is >= this."},
+        metadata={"help": "Absolute rule: a unit is active when its activation variance over the 4 inputs is >= "
+                  "this."},
     )
     active_share: float = field(
         default=0.01,
@@ -94,7 +95,7 @@ class XorArguments:
     )
     figure_seed: int = field(default=0, metadata={"help": "Seed whose covariance matrices are drawn."})
     seed: int = field(default=0, metadata={"help": "Base seed; run k uses seed + k."})
-    num_threads: int = field(default=1, metadata={"help": "torch intra-op threads (1 is fastest for this tiny model)."})
+    num_threads: int = field(default=1, metadata={"help": "torch intra-op threads (1 is fastest for a tiny model)."})
     quick: bool = field(default=False, metadata={"help": "Tiny settings for smoke tests (2 seeds, 50 steps)."})
 
     def __post_init__(self) -> None:
@@ -111,7 +112,9 @@ class XorArguments:
         if not 0 < self.active_share < 1:
             raise ValueError(f"--active_share must be in (0, 1), got {self.active_share}")
         if not 0 <= self.figure_seed < self.num_seeds:
-            raise ValueError(f"--figure_seed must be in [0, num_seeds) = [0, {self.num_seeds}), got {self.figure_seed}")
+            raise ValueError(
+                f"--figure_seed must be in [0, num_seeds) = [0, {self.num_seeds}), got {self.figure_seed}"
+            )
 
 
 def xor_dataset() -> TensorDictDataset:
@@ -281,7 +284,8 @@ def write_report(out: str, args: XorArguments, records: list[dict], summary: dic
         f"Two hidden layers of {args.hidden_size} logistic units, one logistic output, BCE; full-batch Adam "
         f"(lr {args.learning_rate}, {args.max_steps} steps); L_Σ with λ = {args.decorr_weight:g} on both hidden "
         f"layers; {args.num_seeds} seeds, each trained with and without the penalty from the same initial weights. "
-        f"Active unit, absolute rule: the variance of its activation over the 4 inputs is ≥ {args.active_threshold:g}; "
+        "Active unit, absolute rule: the variance of its activation over the 4 inputs is "
+        f"≥ {args.active_threshold:g}; "
         f"relative rule: it holds ≥ {args.active_share:.0%} of its layer's total variance. "
         "Collapsed: every unit of layer 1 constant.\n",
         markdown_table(

@@ -9,8 +9,8 @@ import datasets
 import evaluate
 import numpy
 import torch
-from hf_decorr.metrics import CovarianceAccumulator
-from hf_decorr.metrics import decorrelation_metrics
+
+from hf_decorr.metrics import CovarianceAccumulator, decorrelation_metrics
 
 _DESCRIPTION = """
 The decorrelation metrics of Kågebäck & Mogren, "Disentanglement by Penalizing Correlation" (2017),

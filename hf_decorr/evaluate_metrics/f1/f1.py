@@ -67,7 +67,9 @@ class F1(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
+            ),
             reference_urls=["https://huggingface.co/spaces/evaluate-metric/f1"],
         )
 
@@ -77,7 +79,9 @@ class F1(evaluate.Metric):
         if predictions.shape != references.shape:
             raise ValueError(f"predictions {predictions.shape} and references {references.shape} differ in length")
         if average not in (None, "binary", "micro", "macro", "weighted"):
-            raise ValueError(f"average={average!r} is not supported; choose None, 'binary', 'micro', 'macro' or 'weighted'")
+            raise ValueError(
+                f"average={average!r} is not supported; choose None, 'binary', 'micro', 'macro' or 'weighted'"
+            )
         weights = (
             numpy.ones(len(references), dtype=numpy.float64)
             if sample_weight is None
