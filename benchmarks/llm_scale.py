@@ -162,7 +162,8 @@ class OldPathTrainer(DecorrTrainer):
 def llama(hidden: int, dtype: torch.dtype, checkpointing: bool, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=4,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, max_position_embeddings=8192,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
+                      max_position_embeddings=8192,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).to(dtype)
     if checkpointing:

@@ -307,7 +307,7 @@ def llm(out_dir: str, tokens: int = 8192) -> None:
             trainer = (OldPathTrainer if name == "old" else DecorrTrainer)(model=model, args=args)
         times = []
         try:
-            for i in range(4):
+            for _ in range(4):
                 if DEVICE == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -353,7 +353,8 @@ def llm(out_dir: str, tokens: int = 8192) -> None:
             x = h.float().requires_grad_()  # a float32 gradient: its own rounding is not the Gram's error
             value = cov_l1_lowmem(x, precision=precision)
             value.backward()
-            errors[f"layer{i}/{precision}"] = (abs(float(value) - float(ref)) / abs(float(ref)), rel(x.grad, ref_h.grad))
+            errors[f"layer{i}/{precision}"] = (abs(float(value) - float(ref)) / abs(float(ref)),
+                                               rel(x.grad, ref_h.grad))
     results["precision"] = errors
     for key, (value_err, grad_err) in errors.items():
         print(f"  llm precision {key}: value {value_err:.2e}, gradient {grad_err:.2e}", flush=True)
