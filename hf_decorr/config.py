@@ -140,9 +140,9 @@ class DecorrConfig:
     decorr_stop_on_nonfinite: bool = field(
         default=True,
         metadata={
-            "help": "Stop training with hf_decorr.DivergenceError when the training loss or the penalty becomes NaN or "
-            "infinite (checked on the device at logging, evaluation and save steps and at the end, so no step waits "
-            "on the host), and never save non-finite weights."
+            "help": "Stop training with hf_decorr.DivergenceError when the training loss or the penalty becomes NaN "
+            "or infinite (checked on the device at logging, evaluation and save steps and at the end, so no step "
+            "waits on the host), and never save non-finite weights."
         },
     )
     decorr_precision: str = field(

@@ -62,8 +62,8 @@ from .distributed import (
     sum_accumulators,
     world_size,
 )
-from .gram import cov_l1_lowmem, lowmem_covariance
 from .errors import DecorrError, DivergenceError
+from .gram import cov_l1_lowmem, lowmem_covariance
 from .metrics import METRIC_NAMES, CovarianceAccumulator, decorrelation_metrics
 from .penalties import (
     Penalty,

@@ -152,8 +152,9 @@ def train_args(tmp_path, **kw):
 
 
 def test_case2_huge_weight_stops_training_before_anything_is_saved(tmp_path):
-    from hf_decorr import DecorrTrainer, DivergenceError
     from tiny_models import tiny_bert, token_dataset
+
+    from hf_decorr import DecorrTrainer, DivergenceError
 
     args = train_args(tmp_path, decorr_weight=1e30, max_grad_norm=0.0, save_strategy="steps", save_steps=1)
     trainer = DecorrTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(24))
@@ -177,8 +178,9 @@ class NaNAtStep(TrainerCallback):
 
 
 def test_case2_nonfinite_penalty_is_found_at_the_next_logging_step_without_a_sync_per_step(tmp_path):
-    from hf_decorr import DecorrTrainer, DivergenceError
     from tiny_models import tiny_bert, token_dataset
+
+    from hf_decorr import DecorrTrainer, DivergenceError
 
     flag = NaNAtStep(2)
 
@@ -199,8 +201,9 @@ def test_case2_nonfinite_penalty_is_found_at_the_next_logging_step_without_a_syn
 
 
 def test_case2_nonfinite_loss_and_the_option_to_train_on(tmp_path):
-    from hf_decorr import DecorrTrainer, DivergenceError
     from tiny_models import tiny_bert, token_dataset
+
+    from hf_decorr import DecorrTrainer, DivergenceError
 
     flag = NaNAtStep(1)
 
@@ -242,8 +245,9 @@ class PoisonAfterLastStep(TrainerCallback):
 
 
 def test_case2_nonfinite_weights_at_the_end_of_training_and_at_save(tmp_path):
-    from hf_decorr import DecorrTrainer, DivergenceError
     from tiny_models import tiny_bert, token_dataset
+
+    from hf_decorr import DecorrTrainer, DivergenceError
 
     model = tiny_bert()
     args = train_args(tmp_path, decorr_weight=0.5, max_steps=3, logging_steps=10)
@@ -269,8 +273,9 @@ def test_case4_a_deepcopy_reports_to_its_own_trainer_only(tmp_path):
     import copy
     import io
 
-    from hf_decorr import DecorrTrainer
     from tiny_models import tiny_bert, token_dataset
+
+    from hf_decorr import DecorrTrainer
 
     seen = []
 
@@ -302,8 +307,9 @@ def test_case4_a_deepcopy_reports_to_its_own_trainer_only(tmp_path):
 
 
 def test_case5_trainer_mixin_after_trainer_is_refused_and_settings_are_checked_again(tmp_path):
-    from hf_decorr import DecorrTrainer, DecorrTrainerMixin
     from tiny_models import tiny_bert
+
+    from hf_decorr import DecorrTrainer, DecorrTrainerMixin
 
     with pytest.raises(TypeError, match=r"DecorrTrainerMixin must come before Trainer in the bases.*"
                                         r"write class Wrong\(DecorrTrainerMixin, Trainer\)"):
@@ -320,8 +326,9 @@ def test_case5_trainer_mixin_after_trainer_is_refused_and_settings_are_checked_a
 
 
 def test_case7_a_layer_that_never_runs_is_one_clear_error(tmp_path):
-    from hf_decorr import DecorrError, DecorrTrainer
     from tiny_models import tiny_bert, token_dataset
+
+    from hf_decorr import DecorrError, DecorrTrainer
 
     model = tiny_bert()
     model.unused = nn.Linear(32, 32)
@@ -338,8 +345,9 @@ def test_case7_a_layer_that_never_runs_is_one_clear_error(tmp_path):
 
 
 def test_case11_eval_without_samples_gives_nan_metrics(tmp_path):
-    from hf_decorr import DecorrTrainer
     from tiny_models import tiny_bert, token_dataset
+
+    from hf_decorr import DecorrTrainer
 
     class NoEvalSamples(DecorrTrainer):
         mode = "mask"
@@ -376,8 +384,9 @@ class Collapse(TrainerCallback):
 
 
 def test_case11_best_model_by_mapc_is_never_a_collapsed_one(tmp_path):
-    from hf_decorr import DecorrTrainer
     from tiny_models import tiny_bert, token_dataset
+
+    from hf_decorr import DecorrTrainer
 
     model = tiny_bert()
     collapse = Collapse(model, step=1)
@@ -397,8 +406,9 @@ def test_case11_best_model_by_mapc_is_never_a_collapsed_one(tmp_path):
 
 
 def test_case12_no_arguments_builds_default_ones_like_trainer(tmp_path, monkeypatch):
-    from hf_decorr import DecorrSeq2SeqTrainer, DecorrSeq2SeqTrainingArguments, DecorrTrainer
     from tiny_models import tiny_bert, tiny_t5
+
+    from hf_decorr import DecorrSeq2SeqTrainer, DecorrSeq2SeqTrainingArguments, DecorrTrainer
 
     monkeypatch.chdir(tmp_path)
     plain = Trainer(tiny_bert())
