@@ -275,6 +275,10 @@ def test_text_classification_smoke_default_config(text_classification, tmp_path,
     markdown = (out / "comparison.md").read_text()
     assert "| run | λ | accuracy | macro-F1 | test accuracy |" in markdown
     assert "UD_90% layer.5" in markdown and "| baseline | 0.000 |" in markdown and "| decorr | 1.000 |" in markdown
+    # figures beside comparison.md: each penalised layer, baseline and penalty side by side
+    assert comparison["figures"] == ["figures/00_bert.encoder.layer.4.png", "figures/01_bert.encoder.layer.5.png"]
+    assert all((out / f).read_bytes()[:4] == b"\x89PNG" for f in comparison["figures"])
+    assert "![01_bert.encoder.layer.5.png](figures/01_bert.encoder.layer.5.png)" in markdown
     assert summary["runs"][1]["model_dir"] == str(out / "decorr" / "model")
     # both final models are complete, and differ only through the penalty (same seed, same data order)
     from safetensors.torch import load_file
@@ -309,6 +313,7 @@ def test_causal_lm_smoke_tiny_shakespeare(causal_lm, request, tmp_path, family, 
         assert 1.0 < row["perplexity"] < 200.0  # a character model near uniform over ~70 symbols
         assert list(row["layers"]) == [layer]
         assert row["decorr_loss_first"] > 0
+    assert (out / "figures" / f"00_{layer}.png").is_file()
     assert runs[0]["eval_loss"] != runs[1]["eval_loss"]  # the penalty changed training
     with open(out / "decorr" / "results.json") as f:
         result = json.load(f)

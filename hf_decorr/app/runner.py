@@ -10,8 +10,9 @@ A recipe parses its arguments, prepares its data, and hands the rest to an :clas
 :meth:`Experiment.run` trains without (λ = 0) and with the penalty from the same seed (with
 ``compare_baseline``; else the one configured run), saves each run's ``model/`` folder (weights,
 tokenizer, ``decorr_config.json``, model card, ``results.json``) complete or absent, writes
-``results.json`` per run and ``comparison.{json,md}``, and pushes the final model once, after the
-local output is complete (:func:`hf_decorr.app.hub.push_final_model`).
+``results.json`` per run, ``comparison.{json,md}`` and ``figures/`` (each penalised layer's heat map
+and spectrum, the runs side by side, from the final evaluation's statistics), and pushes the
+final model once, after the local output is complete (:func:`hf_decorr.app.hub.push_final_model`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "take_push_settings",
     "run_baseline_and_penalty",
     "write_comparison",
+    "write_layer_figures",
 ]
 
 
@@ -75,6 +77,33 @@ def run_baseline_and_penalty(
         run_dir = os.path.join(output_dir, name) if compare_baseline else output_dir
         results[name] = train_one(name, run_dir, run_weight)
     return results, time.time() - started
+
+
+def write_layer_figures(output_dir: str, covariances: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """``figures/<i>_<layer>.png`` in ``output_dir``: each penalised layer's ``|correlation|`` heat map
+    (units by variance) and variance spectrum, the runs side by side, from the final evaluation's
+    covariances (:func:`hf_decorr.plotting.save_layer_figures`). Skipped, with a note, without
+    matplotlib. Returns the paths relative to ``output_dir``.
+    """
+    from ..plotting import require_matplotlib, save_layer_figures
+
+    if not any(covariances.values()):
+        return []
+    try:
+        require_matplotlib()
+    except ImportError:
+        print("no figures: matplotlib is not installed (pip install 'hf-decorr[plots]')", flush=True)
+        return []
+    paths = save_layer_figures(os.path.join(output_dir, "figures"), covariances)
+    return [os.path.relpath(path, output_dir) for path in paths]
+
+
+def figures_markdown(figures: Sequence[str]) -> str:
+    """Markdown image links to ``figures`` (paths relative to the comparison file)."""
+    if not figures:
+        return ""
+    return ("\n## Figures: |correlation| (units ordered by variance) and variance spectrum of each penalised layer, "
+            "final evaluation\n\n" + "\n".join(f"![{os.path.basename(f)}]({f})" for f in figures) + "\n")
 
 
 def write_comparison(output_dir: str, summary: dict, table: str, command: str) -> None:
@@ -153,6 +182,7 @@ class Experiment:
         self.tokenizer = None
         self.push, self.hub_model_id, self.hub_token = take_push_settings(training_args)
         self.new_model_config = None
+        self.eval_covariances: dict[str, dict] = {}  # run → {layer: C (p, p)} of its final evaluation (figures)
         config_file = getattr(model_args, "model_config", None)
         if model_args.model_name_or_path:
             load_pretrained_config(model_args.model_name_or_path, trust_remote_code=trust_remote_code,
@@ -216,6 +246,7 @@ class Experiment:
               flush=True)
         train_output = trainer.train()
         eval_metrics = trainer.evaluate()
+        self.eval_covariances[name] = dict(trainer.decorr_last_eval_covariances)
         if spec.finish_eval is not None:
             spec.finish_eval(eval_metrics)
         test_metrics = trainer.evaluate(spec.data["test"], metric_key_prefix="test") if "test" in spec.data else None
@@ -278,8 +309,10 @@ class Experiment:
         summary: dict[str, Any] = {"command": self.command, "runs": rows, "wall_time_s": wall_time}
         table = comparison_markdown(rows, spec.task_columns, spec.note)
         print("\n" + table, flush=True)
+        figures = write_layer_figures(output_dir, self.eval_covariances)
+        summary["figures"] = figures
         if compare_baseline:
-            write_comparison(output_dir, summary, table, self.command)
+            write_comparison(output_dir, summary, table + figures_markdown(figures), self.command)
             print(f"written: {os.path.join(output_dir, 'comparison.md')} and comparison.json; "
                   f"wall time {wall_time:.0f} s", flush=True)
         if self.push:
