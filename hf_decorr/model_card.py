@@ -14,12 +14,17 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from . import __version__
 from .atomic import write_text_atomic
 from .config import DECORR_CONFIG_NAME
-from .trainer import MODEL_TAG
+from .penalties import PENALTIES
 
-__all__ = ["FORMULA", "decorr_model_card", "write_model_card", "looks_like_hub_id"]
+__all__ = ["MODEL_TAG", "CARD_TAGS", "FORMULA", "decorr_model_card", "write_model_card", "looks_like_hub_id",
+           "pipeline_tag_of"]
+
+#: the Hub tag of every model trained with hf_decorr
+MODEL_TAG = "hf-decorr"
+#: the tags of a model card written by hf_decorr
+CARD_TAGS = (MODEL_TAG, "decorrelation", "covariance-penalty")
 
 FORMULA = (
     "$$\\mathcal{L} = \\mathcal{L}_{\\text{task}} + \\lambda \\sum_{\\ell \\in \\text{layers}} "
@@ -27,20 +32,39 @@ FORMULA = (
     "C = \\frac{(H - \\bar h)^\\top (H - \\bar h)}{N - 1}$$"
 )
 
-_PENALTY_TEXT = {
-    "cov_l1": "`cov_l1`: the paper's L_Σ, the element-wise L1 norm of the sample covariance, diagonal included, "
-    "divided by p²",
-    "decov": "`decov` (Cogswell et al. 2016): ½(‖C‖²_F − ‖diag C‖²) with C taken with 1/N",
-    "vicreg": "`vicreg` (Bardes et al. 2022, covariance term): Σ_{i≠j} C_ij² / p",
-    "l1": "`l1`: the L1 activation penalty mean|h| (the paper's baseline; not a covariance penalty)",
-}
-
 _AUTO_CLASSES = {
     "text-classification": "AutoModelForSequenceClassification",
     "text-generation": "AutoModelForCausalLM",
     "token-classification": "AutoModelForTokenClassification",
     "text2text-generation": "AutoModelForSeq2SeqLM",
+    "question-answering": "AutoModelForQuestionAnswering",
 }
+
+# class-name endings of transformers heads → pipeline tag
+_HEAD_TASKS = (
+    ("ForSequenceClassification", "text-classification"),
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForConditionalGeneration", "text2text-generation"),
+    ("ForSeq2SeqLM", "text2text-generation"),
+    ("ForQuestionAnswering", "question-answering"),
+)
+
+
+def pipeline_tag_of(model: Any) -> str | None:
+    """The pipeline tag of a transformers model from its head's class name (``BertForSequenceClassification`` →
+    ``text-classification``); ``None`` when unknown."""
+    name = type(model).__name__
+    return next((task for ending, task in _HEAD_TASKS if name.endswith(ending)), None)
+
+
+def penalty_text(name: str, description: str | None = None) -> str:
+    """``name`` and its one-line description, from the penalty registry unless ``description`` is given."""
+    if description is None:
+        registered = PENALTIES.get(name)
+        description = registered.description if registered is not None else ""
+    return f"`{name}`: {description}" if description else f"`{name}`"
 
 _METRIC_NAMES = {
     "mapc": "MAPC (mean absolute Pearson correlation)",
@@ -105,7 +129,7 @@ def decorr_model_card(
     decorr_settings: Mapping[str, Any],
     layer_names: Sequence[str],
     metrics: Mapping[str, float],
-    task: str,
+    task: str | None = None,
     base_model: str | None = None,
     datasets: Sequence[str] | None = None,
     dataset_description: str | None = None,
@@ -113,6 +137,7 @@ def decorr_model_card(
     command: str | None = None,
     extra_tags: Sequence[str] = (),
     license: str | None = None,
+    penalty_description: str | None = None,
 ) -> ModelCard:
     """A model card for a model trained with the penalty.
 
@@ -120,9 +145,12 @@ def decorr_model_card(
     resolved module names, ``metrics`` the final evaluation's metrics (``eval_accuracy``,
     ``eval_decorr_mapc``, ``eval_decorr_mapc/<layer>``, …) and ``task`` the pipeline tag
     (``text-classification``, ``text-generation``). ``base_model`` and ``datasets`` go into the
-    card's metadata only when they look like Hub ids.
+    card's metadata only when they look like Hub ids. The penalty's text is its description in the
+    registry (:func:`hf_decorr.register_penalty`) unless ``penalty_description`` is given.
     """
-    tags = [MODEL_TAG, "decorrelation", "covariance-penalty", *extra_tags]
+    from . import __version__
+
+    tags = [*CARD_TAGS, *extra_tags]
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag=task,
@@ -167,7 +195,7 @@ def decorr_model_card(
         "|---|---|",
         *[f"| {name} | {_fmt(value)} |" for name, value in settings if value is not None],
         "",
-        f"Penalty: {_PENALTY_TEXT.get(penalty, penalty)}. The settings are also in `{DECORR_CONFIG_NAME}`.",
+        f"Penalty: {penalty_text(penalty, penalty_description)}. The settings are also in `{DECORR_CONFIG_NAME}`.",
         "",
         "## Final evaluation",
         "",

@@ -35,6 +35,7 @@ stay in the default implementation and apply to overridden pieces too.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ from .distributed import (
 from .errors import DecorrError, DivergenceError
 from .gram import cov_l1_lowmem, lowmem_covariance
 from .metrics import METRIC_NAMES, CovarianceAccumulator, decorrelation_metrics
+from .model_card import CARD_TAGS, MODEL_TAG, decorr_model_card, pipeline_tag_of, write_model_card
 from .penalties import (
     Penalty,
     _cov_l1_of_covariance,
@@ -75,7 +77,6 @@ from .pooling import MissingMaskError, mask_from_inputs, mask_like_keys, pool_hi
 
 __all__ = ["DecorrTrainerMixin", "DecorrTrainer", "DecorrSeq2SeqTrainer", "DecorrSamples", "MODEL_TAG"]
 
-MODEL_TAG = "hf-decorr"
 #: what ``Trainer(model)`` names the output folder when it builds default arguments (transformers 5.x)
 DEFAULT_OUTPUT_DIR = "tmp_trainer"
 
@@ -276,6 +277,79 @@ class DecorrTrainerMixin:
             DEFAULT_OUTPUT_DIR,
         )
         return self.decorr_default_arguments_class(output_dir=DEFAULT_OUTPUT_DIR)
+
+    # ---- model card ------------------------------------------------------------------------------
+
+    #: tags of the model card (and of the model, ``add_model_tags``), as TRL's trainers declare theirs
+    _tag_names = list(CARD_TAGS)
+
+    def create_model_card(
+        self,
+        *,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+        output_dir: str | None = None,
+        metrics: Mapping[str, float] | None = None,
+        language: str | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        **card_options: Any,
+    ) -> None:
+        """Write the model card, ``README.md``, into ``output_dir`` (default ``args.output_dir``).
+
+        Called by ``Trainer.push_to_hub()``, so a plain ``trainer.push_to_hub()`` uploads this card:
+        the formula ``task loss + λ Σ_layers L_Σ``, λ, the layers (as configured and as resolved),
+        the penalty (its description from the registry, or the custom ``decorr_penalty_fn``),
+        pooling, mask and the last evaluation's metrics (``metrics`` when given, else the last
+        ``eval_*`` and ``test_*`` entries of the training log). Tags: :attr:`_tag_names`, the
+        model's own tags and ``tags``. ``finetuned_from`` defaults to the model's
+        ``name_or_path``, ``tasks`` to the pipeline tag of its head. ``card_options`` go to
+        :func:`hf_decorr.model_card.decorr_model_card` (``dataset_description``, ``training``,
+        ``command``); ``language``, ``dataset_tags`` and ``dataset_args`` (``Trainer``'s) are
+        accepted and not used. Only the main process writes. Models that are not transformers
+        ``PreTrainedModel`` s (e.g. sentence-transformers) keep their trainer's own card.
+        """
+        from transformers import PreTrainedModel
+
+        if not self.is_world_process_zero():
+            return
+        model = self._decorr_unwrap(self.model)
+        if not isinstance(model, PreTrainedModel):
+            return super().create_model_card(model_name=model_name)
+        if metrics is None:
+            latest: dict[str, dict[str, float]] = {}
+            for entry in self.state.log_history:
+                for prefix in ("eval_", "test_"):
+                    if any(key.startswith(prefix) for key in entry):
+                        latest[prefix] = {k: v for k, v in entry.items() if k.startswith(prefix)}
+            metrics = {k: v for part in latest.values() for k, v in part.items()}
+        extra = [tags] if isinstance(tags, str) else list(tags or [])
+        extra += [t for t in (getattr(model, "model_tags", None) or []) if t not in self._tag_names]
+        task = tasks[0] if isinstance(tasks, list) and tasks else tasks
+        datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
+        if dataset_name:
+            datasets.append(dataset_name)
+        spec = self.decorr_penalty_spec
+        custom = spec.name != self.args.decorr_penalty
+        card = decorr_model_card(
+            model_name=model_name or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)),
+            decorr_settings={**self.args.decorr_dict(), **({"decorr_penalty": spec.name} if custom else {})},
+            layer_names=self.decorr_layer_names,
+            metrics=metrics,
+            task=task or pipeline_tag_of(model),
+            base_model=finetuned_from or getattr(model, "name_or_path", None) or None,
+            datasets=datasets or None,
+            extra_tags=[*self._tag_names, *extra],
+            license=license,
+            penalty_description=spec.description if custom else None,
+            **card_options,
+        )
+        write_model_card(output_dir if output_dir is not None else self.args.output_dir, card)
 
     def _decorr_resolve_penalty(self, fn) -> Penalty:
         overridden = type(self).decorr_penalty is not DecorrTrainerMixin.decorr_penalty

@@ -27,6 +27,7 @@ except ImportError as err:  # pragma: no cover - exercised only where TRL is abs
     ) from err
 
 from .config import DecorrConfig
+from .model_card import CARD_TAGS
 from .trainer import DecorrTrainerMixin
 
 __all__ = ["DecorrSFTConfig", "DecorrSFTTrainer"]
@@ -39,5 +40,7 @@ class DecorrSFTConfig(DecorrConfig, SFTConfig):
 
 class DecorrSFTTrainer(DecorrTrainerMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` with the covariance penalty (see :class:`~hf_decorr.trainer.DecorrTrainerMixin`)."""
+
+    _tag_names = [*SFTTrainer._tag_names, *CARD_TAGS]
 
     decorr_default_arguments_class = DecorrSFTConfig

@@ -264,9 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
         task_columns=TASK_COLUMNS,
         note="Loss and perplexity on the validation split.",
         finish_eval=add_perplexity,
-        card={"task": "text-generation", "datasets": [script.dataset_name] if script.dataset_name else None,
+        card={"tasks": "text-generation", "dataset": script.dataset_name,
               "dataset_description": f"`{script.dataset_name or script.train_file}`",
-              "extra_tags": ["text-generation"] + (["trl", "sft"] if script.use_trl else []),
+              "tags": ["text-generation"] + (["trl", "sft"] if script.use_trl else []),
               "training": {"block size (tokens)": script.block_size}},
     )
     return experiment.run(spec, script.compare_baseline)

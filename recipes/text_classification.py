@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
         data=data,
         task_columns=TASK_COLUMNS,
         note=TABLE_NOTE,
-        card={"task": "text-classification", "datasets": [script.dataset_name] if script.dataset_name else None,
-              "dataset_description": described, "extra_tags": ["text-classification"],
+        card={"tasks": "text-classification", "dataset": script.dataset_name, "dataset_description": described,
+              "tags": ["text-classification"],
               "training": {"max length (tokens)": script.max_length}},
     )
     return experiment.run(spec, script.compare_baseline)

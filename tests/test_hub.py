@@ -287,3 +287,67 @@ def test_recipe_failed_push_keeps_complete_output(tiny_bert, tiny_data, tmp_path
 
     assert AutoModelForSequenceClassification.from_pretrained(local).config.num_labels == 2
     assert not [n for n in os.listdir(tmp_path / "out") if n.endswith((".tmp", ".old"))]
+
+
+# ------------------------------------------------------------------- the trainer owns its card
+
+
+def test_plain_trainer_push_to_hub_writes_the_decorr_card(tmp_path, monkeypatch):
+    """``trainer.push_to_hub()`` with nothing else: the upload carries hf_decorr's card (network patched at HfApi)."""
+    from tiny_models import tiny_bert as build_tiny_bert
+    from tiny_models import token_dataset
+
+    from hf_decorr import PENALTIES, DecorrTrainer, DecorrTrainingArguments, register_penalty
+
+    def off_diagonal_squares(c):
+        return (c - torch.diag_embed(torch.diagonal(c, dim1=-2, dim2=-1))).square().sum((-2, -1))
+
+    name = "test_card_offdiag_sq"
+    if name not in PENALTIES:
+        register_penalty(name, off_diagonal_squares, of_covariance=True, description="Σ_{i≠j} C_ij² (a test penalty)")
+    hub = FakeHub(str(tmp_path / "remote")).install(monkeypatch)
+    args = DecorrTrainingArguments(
+        output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", max_steps=2, logging_steps=1,
+        per_device_train_batch_size=4, per_device_eval_batch_size=4, disable_tqdm=True, use_cpu=True,
+        hub_model_id="me/plain-push", decorr_weight=0.25, decorr_layers=["-1"], decorr_penalty=name,
+        decorr_pooling="mean",
+    )
+    data = token_dataset(8, seed=1)
+    trainer = DecorrTrainer(model=build_tiny_bert(), args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.push_to_hub()
+    remote = hub.remote("me/plain-push")
+    assert "README.md" in hub.uploaded["me/plain-push"] and "decorr_config.json" in hub.uploaded["me/plain-push"]
+    card = ModelCard.load(os.path.join(remote, "README.md"))
+    assert {"hf-decorr", "decorrelation", "covariance-penalty"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "text-classification"
+    text = card.text
+    assert "L_\\Sigma(H) = \\frac{1}{p^2} \\sum_{i,j} |C_{ij}|" in text  # the formula
+    assert "| λ (`decorr_weight`) | 0.25 |" in text
+    assert "| layers (`decorr_layers`) | `-1` |" in text and "`bert.encoder.layer.1`" in text
+    assert f"| penalty (`decorr_penalty`) | {name} |" in text
+    assert f"Penalty: `{name}`: Σ_{{i≠j}} C_ij² (a test penalty)." in text  # the registry's description
+    assert "| pooling (`decorr_pooling`) | mean |" in text
+    # the last evaluation's metrics, as evaluate() returned them
+    assert f"| eval_loss | {metrics['eval_loss']:.4g} |" in text
+    assert f"| `mean over layers` | {metrics['eval_decorr_mapc']:.4g} |" in text
+    assert trainer.model.model_tags and "hf-decorr" in trainer.model.model_tags
+
+
+def test_card_of_a_custom_penalty_fn_names_it(tmp_path):
+    from tiny_models import tiny_bert as build_tiny_bert
+    from tiny_models import token_dataset
+
+    from hf_decorr import DecorrTrainer, DecorrTrainingArguments
+
+    def trace_penalty(cov):
+        return torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1)
+
+    args = DecorrTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
+                                   decorr_layers=["-1"])
+    trainer = DecorrTrainer(model=build_tiny_bert(), args=args, train_dataset=token_dataset(4),
+                            decorr_penalty_fn=trace_penalty)
+    trainer.create_model_card(output_dir=str(tmp_path / "card"), model_name="x")
+    text = (tmp_path / "card" / "README.md").read_text(encoding="utf-8")
+    assert "custom:trace_penalty" in text and "(no evaluation was run)" in text

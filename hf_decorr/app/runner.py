@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..capture import resolve_layers
-from ..model_card import decorr_model_card, write_model_card
 from .hub import push_final_model
 from .models import load_model_config_file, load_pretrained_config, load_tokenizer, resolve_model_path
 from .outputs import atomic_directory, write_json_atomic, write_text_atomic
@@ -122,9 +121,9 @@ class RunSpec:
     ``data`` (``"train"``, ``"validation"`` and optionally ``"test"``, evaluated once at the end);
     ``task_columns`` are the comparison table's task columns ``(key, header, decimals)``, a key
     read from the run's metrics as ``eval_<key>``, ``<key>`` or (test split) ``<key>``;
-    ``finish_eval(metrics)`` may add derived metrics (perplexity); ``card`` holds the model card's
-    ``task``, ``datasets``, ``dataset_description``, ``extra_tags`` and recipe-specific
-    ``training`` rows.
+    ``finish_eval(metrics)`` may add derived metrics (perplexity); ``card`` holds options of the
+    trainer's ``create_model_card`` (``tasks``, ``dataset``, ``tags``, ``dataset_description`` and
+    recipe-specific ``training`` rows).
     """
 
     auto_class: Any
@@ -279,20 +278,18 @@ class Experiment:
             "seed": args.seed,
             "train runtime (s)": result["train"].get("train_runtime"),
         }
-        card = decorr_model_card(
-            model_name=args.hub_model_id or os.path.basename(os.path.abspath(run_dir)),
-            decorr_settings=args.decorr_dict(),
-            layer_names=trainer.decorr_layer_names,
-            metrics={**eval_metrics, **(test_metrics or {})},
-            base_model=model_args.base_model_id or model_args.model_name_or_path
-            or f"a new model built from {model_args.model_config}",
-            training=training,
-            command=self.command,
-            **card_options,
-        )
         with atomic_directory(model_dir) as tmp:
             trainer.save_model(tmp)
-            write_model_card(tmp, card)
+            trainer.create_model_card(  # the trainer's own card (the one trainer.push_to_hub() uploads)
+                output_dir=tmp,
+                model_name=args.hub_model_id or os.path.basename(os.path.abspath(run_dir)),
+                finetuned_from=model_args.base_model_id or model_args.model_name_or_path
+                or f"a new model built from {getattr(model_args, 'model_config', None)}",
+                metrics={**eval_metrics, **(test_metrics or {})},
+                training=training,
+                command=self.command,
+                **card_options,
+            )
             write_json_atomic(os.path.join(tmp, "results.json"), result)
         write_json_atomic(os.path.join(run_dir, "results.json"), result)
         print(f"saved {model_dir}", flush=True)
