@@ -5,6 +5,7 @@
     python benchmarks/llm_scale.py --precision-table     # error of each decorr_precision against float64
     python benchmarks/llm_scale.py --subsample-table     # bias of decorr_max_samples (real MiniLM states)
     python benchmarks/llm_scale.py --kernel-table        # one layer's penalty alone against the cost formulas
+    python benchmarks/llm_scale.py --kernel-time         # one layer's penalty alone: old vs new time
 
 The model is a Llama built from a config (no Hub): ``--hidden`` units (default 512), 4 layers, one
 sequence of ``--tokens`` tokens (default 1024), non-reentrant gradient checkpointing on or off,
@@ -399,6 +400,29 @@ def kernel_table() -> list[dict]:
     return rows
 
 
+def kernel_time(repeats: int = 7) -> list[dict]:
+    """Forward + backward time of one layer's penalty alone, old vs new, interleaved (median of ``repeats``)."""
+    from hf_decorr.gram import cov_l1_lowmem
+
+    rows = []
+    for n, p, dtype in ((1024, 512, torch.float32), (4096, 1024, torch.float32), (4096, 1024, torch.bfloat16)):
+        g = torch.Generator().manual_seed(0)
+        h = (torch.randn(n, p, generator=g) + 1).to(dtype).requires_grad_()
+        mask = torch.rand(n, generator=g) > 0.1
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        for _ in range(repeats + 1):
+            for variant in ("old", "new"):
+                start = time.perf_counter()
+                value = old_cov_l1(h, mask) if variant == "old" else cov_l1_lowmem(h, mask)
+                torch.autograd.grad(value, h)
+                times[variant].append(time.perf_counter() - start)
+        old, new = statistics.median(times["old"][1:]), statistics.median(times["new"][1:])
+        row = {"N": n, "p": p, "dtype": str(dtype).split(".")[-1], "old_s": old, "new_s": new, "new/old": new / old}
+        rows.append(row)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -411,12 +435,16 @@ def main() -> None:
     parser.add_argument("--precision-table", action="store_true")
     parser.add_argument("--subsample-table", action="store_true")
     parser.add_argument("--kernel-table", action="store_true", help="one layer's penalty alone vs the formulas")
+    parser.add_argument("--kernel-time", action="store_true", help="one layer's penalty alone: old vs new time")
     parser.add_argument("--json", help="write every row to this file")
     args = parser.parse_args()
     out: dict = {"load_average": os.getloadavg(), "cpus": os.cpu_count()}
     print(json.dumps(out), flush=True)
-    if args.kernel_table:
-        out["kernel"] = kernel_table()
+    if args.kernel_table or args.kernel_time:
+        if args.kernel_table:
+            out["kernel"] = kernel_table()
+        if args.kernel_time:
+            out["kernel_time"] = kernel_time()
     elif args.precision_table or args.subsample_table:
         if args.precision_table:
             out["precision"] = precision_table()
