@@ -7,7 +7,7 @@ covariance (``1/(N−1)``) of a layer's activations over the batch.
 __version__ = "0.1.0"
 
 from .callbacks import DecorrFigureCallback
-from .capture import HiddenStateCapture, find_block_stacks, resolve_layers
+from .capture import CapturedCall, HiddenStateCapture, find_block_stacks, resolve_layers
 from .config import (
     DECORR_CONFIG_NAME,
     DecorrConfig,
@@ -17,7 +17,7 @@ from .config import (
 from .errors import DecorrError, DivergenceError
 from .metrics import CovarianceAccumulator, decorrelation_metrics
 from .penalties import PENALTIES, Penalty, decorrelation_penalty, get_penalty, masked_covariance, register_penalty
-from .pooling import mask_from_inputs, pool_hidden
+from .pooling import MissingMaskError, mask_from_inputs, pool_hidden
 from .trainer import MODEL_TAG, DecorrSamples, DecorrSeq2SeqTrainer, DecorrTrainer, DecorrTrainerMixin
 
 __all__ = [
@@ -43,6 +43,8 @@ __all__ = [
     "CovarianceAccumulator",
     "decorrelation_metrics",
     "HiddenStateCapture",
+    "CapturedCall",
+    "MissingMaskError",
     "find_block_stacks",
     "resolve_layers",
     "pool_hidden",
