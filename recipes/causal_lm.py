@@ -49,6 +49,7 @@ from hf_decorr.app.data import (
     tokenize_into_blocks,
     tokenize_prompt_completion,
 )
+from hf_decorr.app.datacheck import refuse_missing_texts
 from hf_decorr.app.models import character_tokenizer
 from hf_decorr.app.parser import DecorrArgumentParser, RecipeError, read_config_file, run_recipe, split_config_flag
 from hf_decorr.app.runner import Experiment, RunSpec
@@ -173,6 +174,8 @@ def load_data(script: ScriptArguments, seed: int):
     from datasets import DatasetDict
 
     require_columns(DatasetDict(datasets), columns)
+    if instruction:  # a missing or empty prompt or completion would be trained as "": refused with a count
+        refuse_missing_texts(datasets, columns)
     if "validation" not in datasets:
         share = script.validation_split_percentage
         if not 0 < share < 100:

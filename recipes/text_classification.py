@@ -50,6 +50,7 @@ import numpy as np
 
 from hf_decorr import DecorrTrainer, DecorrTrainingArguments
 from hf_decorr.app.data import load_text_datasets, require_columns, select_splits
+from hf_decorr.app.datacheck import refuse_missing_texts
 from hf_decorr.app.parser import DecorrArgumentParser, RecipeError, run_recipe
 from hf_decorr.app.runner import Experiment, RunSpec
 from hf_decorr.evaluate_metrics import load as load_metric
@@ -98,6 +99,11 @@ class ScriptArguments:
             "both runs."
         },
     )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length} must be an integer of at least 2 (tokens per input, "
+                             "special tokens included)")
 
 
 @dataclass
@@ -151,6 +157,8 @@ def _load_data(script: ScriptArguments):
         datasets["validation"] = datasets["validation"].select(
             range(min(script.max_eval_samples, len(datasets["validation"])))
         )
+    # a missing or empty text would be trained as "": refused with a count instead
+    refuse_missing_texts(datasets, {"text_column": script.text_column, "text_pair_column": script.text_pair_column})
     return datasets
 
 

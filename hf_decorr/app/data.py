@@ -22,6 +22,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from ..pooling import IGNORE_INDEX
+from .datacheck import check_local_file
 from .parser import RecipeError, one_line
 
 __all__ = [
@@ -56,10 +57,14 @@ def _load_local_split(option: str, path: str, split: str):
             f"{option}={path!r}: unsupported file type {extension or '(none)'!r}; use one of {sorted(LOCAL_FORMATS)}"
         )
     builder, kwargs = LOCAL_FORMATS[extension]
+    check_local_file(option, path, extension)  # empty, not UTF-8, a header without rows: the real cause
     try:
-        return load_dataset(builder, data_files={split: path}, split=split, **kwargs)
+        dataset = load_dataset(builder, data_files={split: path}, split=split, **kwargs)
     except Exception as err:  # noqa: BLE001 - a file datasets cannot parse is bad input
         raise RecipeError(f"{option}={path!r}: cannot be read as {extension} data: {one_line(err)}") from None
+    if len(dataset) == 0:
+        raise RecipeError(f"{option}={path!r} holds no rows")
+    return dataset
 
 
 def load_text_datasets(

@@ -167,13 +167,17 @@ class DecorrArgumentParser(HfArgumentParser):
 def run_recipe(main: Callable[[Sequence[str] | None], T], args: Sequence[str] | None = None) -> T:
     """Call ``main(args)``; a :class:`RecipeError` becomes one line on stderr and exit status 1.
 
+    So does a :class:`hf_decorr.DecorrError` of the library (a diverged training run, a penalised
+    layer that does not run): a fault the user acts on, whose message says what to change.
     Set ``HF_DECORR_DEBUG=1`` to get the traceback instead.
     """
+    from ..errors import DecorrError
+
     try:
         return main(args)
-    except RecipeError as err:
+    except (RecipeError, DecorrError) as err:
         if os.environ.get("HF_DECORR_DEBUG"):
             raise
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "recipe"
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

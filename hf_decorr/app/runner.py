@@ -30,6 +30,13 @@ from .models import load_model_config_file, load_pretrained_config, load_tokeniz
 from .outputs import atomic_directory, write_json_atomic, write_text_atomic
 from .parser import RecipeError
 from .reporting import comparison_markdown, layer_metrics, log_series, redacted_command
+from .workspace import (
+    StagedOutput,
+    check_output_dir,
+    describe_os_error,
+    last_checkpoint,
+    parse_resume,
+)
 
 __all__ = [
     "RunSpec",
@@ -180,6 +187,10 @@ class Experiment:
         self.trust_remote_code = trust_remote_code
         self.tokenizer = None
         self.push, self.hub_model_id, self.hub_token = take_push_settings(training_args)
+        # before any data is read: the output folder can be written, the checkpoint to resume from exists
+        check_output_dir(training_args.output_dir)
+        self.resume = parse_resume(training_args.resume_from_checkpoint)
+        self.output = StagedOutput(training_args.output_dir)
         self.new_model_config = None
         self.eval_covariances: dict[str, dict] = {}  # run → {layer: C (p, p)} of its final evaluation (figures)
         config_file = getattr(model_args, "model_config", None)
@@ -243,13 +254,19 @@ class Experiment:
         trainer = spec.make_trainer(model, args)
         print(f"\n=== run {name!r}: decorr_weight={weight}, penalised layers {trainer.decorr_layer_names} ===",
               flush=True)
-        train_output = trainer.train()
+        resume = self.resume if isinstance(self.resume, str) else last_checkpoint(run_dir) if self.resume else None
+        if resume:
+            print(f"resuming run {name!r} from {resume}", flush=True)
+        elif self.resume:
+            print(f"run {name!r} has no checkpoint in {run_dir} to resume from: it starts over", flush=True)
+        train_output = trainer.train(resume_from_checkpoint=resume)
         eval_metrics = trainer.evaluate()
         self.eval_covariances[name] = dict(trainer.decorr_last_eval_covariances)
         if spec.finish_eval is not None:
             spec.finish_eval(eval_metrics)
         test_metrics = trainer.evaluate(spec.data["test"], metric_key_prefix="test") if "test" in spec.data else None
         model_dir = os.path.join(run_dir, "model")
+        final_model_dir = self.output.final_path(model_dir)
         result = {
             "run": name,
             "decorr_weight": weight,
@@ -265,7 +282,7 @@ class Experiment:
             "seed": args.seed,
             "trainer": type(trainer).__name__,
             "command": self.command,
-            "model_dir": model_dir,
+            "model_dir": final_model_dir,
         }
         card_options = dict(spec.card)
         training = {
@@ -278,40 +295,59 @@ class Experiment:
             "seed": args.seed,
             "train runtime (s)": result["train"].get("train_runtime"),
         }
-        with atomic_directory(model_dir) as tmp:
-            trainer.save_model(tmp)
-            trainer.create_model_card(  # the trainer's own card (the one trainer.push_to_hub() uploads)
-                output_dir=tmp,
-                model_name=args.hub_model_id or os.path.basename(os.path.abspath(run_dir)),
-                finetuned_from=model_args.base_model_id or model_args.model_name_or_path
-                or f"a new model built from {getattr(model_args, 'model_config', None)}",
-                metrics={**eval_metrics, **(test_metrics or {})},
-                training=training,
-                command=self.command,
-                **card_options,
-            )
-            write_json_atomic(os.path.join(tmp, "results.json"), result)
-        write_json_atomic(os.path.join(run_dir, "results.json"), result)
+        try:
+            with atomic_directory(model_dir) as tmp:
+                trainer.save_model(tmp)
+                trainer.create_model_card(  # the trainer's own card (the one trainer.push_to_hub() uploads)
+                    output_dir=tmp,
+                    model_name=args.hub_model_id or os.path.basename(self.output.final_path(run_dir)),
+                    finetuned_from=model_args.base_model_id or model_args.model_name_or_path
+                    or f"a new model built from {getattr(model_args, 'model_config', None)}",
+                    metrics={**eval_metrics, **(test_metrics or {})},
+                    training=training,
+                    command=self.command,
+                    **card_options,
+                )
+                write_json_atomic(os.path.join(tmp, "results.json"), result)
+            write_json_atomic(os.path.join(run_dir, "results.json"), result)
+        except OSError as err:  # a full disk, a quota, a folder removed under us: one line
+            raise RecipeError(describe_os_error(err, final_model_dir)) from None
         print(f"saved {model_dir}", flush=True)
         return result
 
     def run(self, spec: RunSpec, compare_baseline: bool) -> dict:
-        """Train the run(s), write the comparison, push once; returns the summary (``runs``, ``wall_time_s``)."""
-        output_dir = self.training_args.output_dir
-        results, wall_time = run_baseline_and_penalty(
-            output_dir, self.training_args.decorr_weight, compare_baseline,
-            lambda name, run_dir, weight: self.train_one(name, run_dir, weight, spec),
-        )
-        rows = [summary_row(name, result, spec.task_columns) for name, result in results.items()]
-        summary: dict[str, Any] = {"command": self.command, "runs": rows, "wall_time_s": wall_time}
-        table = comparison_markdown(rows, spec.task_columns, spec.note)
-        print("\n" + table, flush=True)
-        figures = write_layer_figures(output_dir, self.eval_covariances)
-        summary["figures"] = figures
+        """Train the run(s), write the comparison, push once; returns the summary (``runs``, ``wall_time_s``).
+
+        Everything is written to ``<output_dir>.partial`` and put in place of ``output_dir`` when
+        complete (:mod:`hf_decorr.app.workspace`), so ``output_dir`` is complete or absent as a whole.
+        """
+        if compare_baseline and isinstance(self.resume, str):
+            raise RecipeError(
+                f"resume_from_checkpoint={self.resume!r} names one checkpoint, but compare_baseline trains two runs; "
+                "give resume_from_checkpoint=true: each run continues from its own last checkpoint"
+            )
+        output_dir = self.output.final
+        staging = self.output.begin(self.resume)
+        try:
+            results, wall_time = run_baseline_and_penalty(
+                staging, self.training_args.decorr_weight, compare_baseline,
+                lambda name, run_dir, weight: self.train_one(name, run_dir, weight, spec),
+            )
+            rows = [summary_row(name, result, spec.task_columns) for name, result in results.items()]
+            summary: dict[str, Any] = {"command": self.command, "runs": rows, "wall_time_s": wall_time}
+            table = comparison_markdown(rows, spec.task_columns, spec.note)
+            print("\n" + table, flush=True)
+            figures = write_layer_figures(staging, self.eval_covariances)  # paths relative to the output folder
+            summary["figures"] = figures
+            if compare_baseline:
+                write_comparison(staging, summary, table + figures_markdown(figures), self.command)
+            self.output.commit()
+        except OSError as err:
+            raise RecipeError(describe_os_error(err, staging)) from None
         if compare_baseline:
-            write_comparison(output_dir, summary, table + figures_markdown(figures), self.command)
             print(f"written: {os.path.join(output_dir, 'comparison.md')} and comparison.json; "
                   f"wall time {wall_time:.0f} s", flush=True)
+        print(f"output complete: {output_dir}", flush=True)
         if self.push:
             folder = list(results.values())[-1]["model_dir"]  # the penalised run when comparing
             summary["push"] = push_final_model(folder, self.hub_model_id, self.hub_token, self.training_args)
