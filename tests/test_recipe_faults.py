@@ -9,6 +9,7 @@ below, not by the product).
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,10 +146,16 @@ def test_case1_killed_and_resumed_run_equals_the_uninterrupted_one(text_classifi
     assert killed.returncode == -signal.SIGKILL
     assert not cut.exists()  # nothing looks finished: the run was in cut.partial
     assert sorted(os.listdir(tmp_path / "cut.partial")) == ["checkpoint-2", "checkpoint-4"]
+    shutil.copytree(tmp_path / "cut.partial", tmp_path / "by_path.partial")
+    # resuming from a named checkpoint (of the same unfinished run)
+    text_classification.main(tc_args(tiny_classifier, tsv_data, tmp_path / "by_path", *common,
+                                     "--resume_from_checkpoint", str(tmp_path / "by_path.partial" / "checkpoint-4")))
+    c = weights(tmp_path / "by_path" / "model")
     text_classification.main(tc_args(tiny_classifier, tsv_data, cut, *common, "--resume_from_checkpoint", "true"))
 
     a, b = weights(whole / "model"), weights(cut / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], c[k]) for k in a)
     ra, rb = (json.loads((folder / "results.json").read_text()) for folder in (whole, cut))
     assert ra["task_loss_log"] == rb["task_loss_log"] and len(ra["task_loss_log"]) == 6
     assert ra["decorr_loss_log"] == rb["decorr_loss_log"]
