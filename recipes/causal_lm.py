@@ -24,9 +24,7 @@ The first runs offline on a fresh clone: a 180 KB seeded subset of tiny Shakespe
 ``recipes/configs/models/tiny_llama.json`` with a character tokenizer (``model_config``): a smoke
 run of the pipeline, not a useful language model. The second fine-tunes a pretrained model.
 
-Outputs as in ``text_classification.py``: ``<run>/model`` (model, tokenizer, decorr_config.json,
-README.md card, results.json), ``<run>/results.json``, and with ``--compare_baseline`` the
-``comparison.{json,md}`` of the λ = 0 and the penalised run.
+Outputs (``<run>/model``, ``<run>/results.json``, ``comparison.{json,md}``): see ``text_classification.py``.
 """
 
 from __future__ import annotations
