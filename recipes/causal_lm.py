@@ -20,9 +20,8 @@ takes every ``SFTConfig`` option; TRL then tokenizes prompt-completion data itse
         --model_name_or_path <a causal LM folder or Hub id>
 
 The first runs offline on a fresh clone: a 180 KB seeded subset of tiny Shakespeare shipped in
-``recipes/data/tinyshakespeare`` and a new 2-block Llama built from
-``recipes/configs/models/tiny_llama.json`` with a character tokenizer (``model_config``): a smoke
-run of the pipeline, not a useful language model. The second fine-tunes a pretrained model.
+``recipes/data/tinyshakespeare`` and a new 2-block Llama from ``recipes/configs/models/tiny_llama.json``
+with a character tokenizer (``model_config``), a smoke run only; the second fine-tunes a pretrained model.
 
 Outputs (``<run>/model``, ``<run>/results.json``, ``comparison.{json,md}``): see ``text_classification.py``.
 """
