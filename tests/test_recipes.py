@@ -406,7 +406,17 @@ def test_shipped_configs_parse(text_classification, causal_lm, name):
     if "model_name_or_path" not in config:  # a config that asks for the model on the command line
         overrides += ["--model_name_or_path", "some/model"]
         config["model_name_or_path"] = "some/model"
-    if "prompt_column" in config or "block_size" in config:
+    if "train_pairs" in config:  # recipes/sentence_embeddings.py
+        from hf_decorr.sentence_transformers import DecorrSentenceTransformerTrainingArguments
+
+        spec = importlib.util.spec_from_file_location("sentence_embeddings",
+                                                      os.path.join(REPO_ROOT, "recipes", "sentence_embeddings.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        parser = DecorrArgumentParser((module.ScriptArguments, DecorrSentenceTransformerTrainingArguments))
+        model_args, training_args = parser.parse_args_and_config(["--config", path, *overrides])
+    elif "prompt_column" in config or "block_size" in config:
         script, model_args, training_args, _ = causal_lm.parse(["--config", path, *overrides])
         assert script.use_trl == bool(config.get("use_trl", False))
         assert type(training_args).__name__ == ("DecorrSFTConfig" if script.use_trl else "DecorrTrainingArguments")
