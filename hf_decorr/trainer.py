@@ -34,6 +34,7 @@ stay in the default implementation and apply to overridden pieces too.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -231,10 +232,12 @@ class DecorrTrainerMixin:
         if not isinstance(self, Trainer):
             raise TypeError(_not_a_trainer(type(self).__name__, None))
         # like Trainer(model): no arguments means default ones, here with the decorr settings
-        if len(args) >= 2 and args[1] is None:
-            args = (args[0], self._decorr_default_arguments(), *args[2:])
-        elif len(args) < 2 and kwargs.get("args") is None:
-            kwargs["args"] = self._decorr_default_arguments()
+        # only for parents that take Trainer's `args` parameter (SetFit's embedding trainer builds its own)
+        if "args" in inspect.signature(super().__init__).parameters:
+            if len(args) >= 2 and args[1] is None:
+                args = (args[0], self._decorr_default_arguments(), *args[2:])
+            elif len(args) < 2 and kwargs.get("args") is None:
+                kwargs["args"] = self._decorr_default_arguments()
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, DecorrConfig):
             raise TypeError(
