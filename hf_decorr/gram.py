@@ -281,6 +281,15 @@ def lowmem_covariance(
     :func:`default_chunk`). ``precision``: see the module docstring (``"auto"`` resolved by
     :func:`resolve_precision`; off CUDA only ``emulate=True`` rounds).
     """
+    m, chunk, precision = _gram_arguments(h, mask, index, chunk, precision, emulate)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        n = _valid_count(h, m, index)
+        cov = GramFunction.apply(h, m, index, (n - correction).clamp_min(1), chunk, precision, emulate)
+    return cov, n
+
+
+def _gram_arguments(h, mask, index, chunk, precision, emulate):
+    """Checked inputs of the Gram functions: the bool mask, the rows per chunk and the resolved precision."""
     _check(h, mask, index)
     m = None if mask is None else mask.to(device=h.device, dtype=torch.bool)
     chunk = chunk or default_chunk(h.shape[-1])
@@ -288,15 +297,17 @@ def lowmem_covariance(
         precision = resolve_precision(precision, h.device, h.dtype)
     elif h.dtype == torch.float64:
         precision = "fp64"
+    return m, int(chunk), precision
+
+
+def _valid_count(h, m, index) -> torch.Tensor:
+    """The number of valid sample rows ``n``, shape ``(...)``, in the compute dtype."""
     cdtype = _compute_dtype(h.dtype)
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        rows = h.shape[-2] if index is None else index.shape[0]
-        lead = torch.broadcast_shapes(h.shape[:-2], m.shape[:-1]) if m is not None else h.shape[:-2]
-        n = torch.full(lead, float(rows), dtype=cdtype, device=h.device) if m is None else \
-            m.to(cdtype).sum(dim=-1).expand(lead)
-        divisor = (n - correction).clamp_min(1)
-        cov = GramFunction.apply(h, m, index, divisor, int(chunk), precision, emulate)
-    return cov, n
+    rows = h.shape[-2] if index is None else index.shape[0]
+    if m is None:
+        return torch.full(h.shape[:-2], float(rows), dtype=cdtype, device=h.device)
+    lead = torch.broadcast_shapes(h.shape[:-2], m.shape[:-1])
+    return m.to(cdtype).sum(dim=-1).expand(lead)
 
 
 # ---- signs of C as two bit planes ------------------------------------------------------------------------------
@@ -421,20 +432,9 @@ def cov_l1_lowmem(
 ) -> torch.Tensor:
     """``L_Σ = (1/p²) Σ_ij |C_ij|`` (``C`` unbiased) of the valid sample rows, shape ``(...)``, by
     :class:`CovL1Function` (same arguments as :func:`lowmem_covariance`)."""
-    _check(h, mask, index)
-    m = None if mask is None else mask.to(device=h.device, dtype=torch.bool)
-    chunk = chunk or default_chunk(h.shape[-1])
+    m, chunk, precision = _gram_arguments(h, mask, index, chunk, precision, emulate)
     if chunk % 8:
         raise ValueError(f"chunk must be a multiple of 8 (the signs are packed by bytes), got {chunk}")
-    if not emulate:
-        precision = resolve_precision(precision, h.device, h.dtype)
-    elif h.dtype == torch.float64:
-        precision = "fp64"
-    cdtype = _compute_dtype(h.dtype)
     with torch.autocast(device_type=h.device.type, enabled=False):
-        rows = h.shape[-2] if index is None else index.shape[0]
-        lead = torch.broadcast_shapes(h.shape[:-2], m.shape[:-1]) if m is not None else h.shape[:-2]
-        n = torch.full(lead, float(rows), dtype=cdtype, device=h.device) if m is None else \
-            m.to(cdtype).sum(dim=-1).expand(lead)
-        divisor = (n - 1).clamp_min(1)
-        return CovL1Function.apply(h, m, index, divisor, int(chunk), precision, emulate)
+        divisor = (_valid_count(h, m, index) - 1).clamp_min(1)
+        return CovL1Function.apply(h, m, index, divisor, chunk, precision, emulate)
