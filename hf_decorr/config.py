@@ -187,6 +187,9 @@ class DecorrConfig:
         self._validate_decorr()
 
     def _validate_decorr(self) -> None:
+        for name in ("decorr_eval_metrics", "decorr_log_per_layer", "decorr_stop_on_nonfinite", "decorr_log_figures"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         weight = self.decorr_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ValueError(f"decorr_weight must be a number >= 0, got {weight!r}")

@@ -90,3 +90,10 @@ def test_save_decorr_config(tmp_path):
     assert "hf_decorr_version" not in saved  # exactly the DecorrConfig fields: HfArgumentParser reads it back
     assert "learning_rate" not in saved
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [DECORR_CONFIG_NAME]
+
+
+@pytest.mark.parametrize("name", ["decorr_eval_metrics", "decorr_log_per_layer", "decorr_stop_on_nonfinite",
+                                  "decorr_log_figures"])
+def test_switches_must_be_booleans(tmp_path, name):
+    with pytest.raises(ValueError, match=f"{name} must be True or False, got 'x'"):
+        DecorrTrainingArguments(output_dir=str(tmp_path), **{name: "x"})
