@@ -16,6 +16,12 @@ nothing on the others, so it can be deleted once the oldest supported version no
   ``gradient_checkpointing[_kwargs]`` is a deprecated alias (a ``FutureWarning``, removal in v6);
   transformers 5.17 / 5.18 have only ``gradient_checkpointing[_kwargs]``. Code and configs use the
   new name; these map it to the old one where the installed transformers lacks it.
+* :func:`sync_gradients_now` — transformers' training loop marks the last micro-batch of each
+  optimizer step by setting accelerate's ``GradientState.sync_gradients`` *before* calling
+  ``training_step`` (5.25 sets it by hand for each micro-batch; earlier 5.x through
+  ``accelerator.accumulate``). The divergence guard reads the complete, unclipped gradients there.
+* :func:`total_grad_norm` — ``torch.nn.utils.get_total_norm`` (one foreach pass) exists from torch
+  2.6; older versions take one norm per tensor.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ __all__ = [
     "CHECKPOINTING_RENAMES",
     "checkpointing_option",
     "checkpointing_args",
+    "sync_gradients_now",
+    "total_grad_norm",
 ]
 
 #: the first accelerate release whose ``prepare_model`` skips a model marked ``_is_accelerate_prepared``
@@ -117,3 +125,37 @@ def checkpointing_args(enabled: bool = True, **kwargs: Any) -> dict[str, Any]:
     if kwargs:
         out[checkpointing_option("activation_checkpointing_kwargs")] = kwargs
     return out
+
+
+# ---------------------------------------------------------------------- gradient norm
+
+
+def total_grad_norm(tensors: list[Any]) -> Any:
+    """``‖(g₁, …, g_n)‖₂`` as a 0-d float32 tensor on the first tensor's device, without a host sync.
+
+    float16 tensors are measured in float32 (their own range ends at 65504, and a large but finite
+    norm is not a divergence); the others through ``torch.nn.utils.get_total_norm`` where the
+    installed torch has it (2.6+), else one norm per tensor.
+    """
+    import torch
+
+    device = tensors[0].device
+    half = [t for t in tensors if t.dtype == torch.float16]
+    rest = [t for t in tensors if t.dtype != torch.float16]
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float32).to(device) for t in half]
+    if rest:
+        get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+        if get_total_norm is not None:
+            norms.append(get_total_norm(rest, norm_type=2.0).float().to(device))
+        else:
+            norms += [torch.linalg.vector_norm(t).float().to(device) for t in rest]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def sync_gradients_now(accelerator: Any) -> bool:
+    """Whether the micro-batch now in ``training_step`` is the last of its optimizer step.
+
+    Reads ``accelerator.sync_gradients``, which the Trainer sets before ``training_step`` (checked
+    by ``tests/test_compat.py::test_assumption_sync_gradients_marks_the_last_micro_batch``).
+    """
+    return bool(accelerator.sync_gradients)

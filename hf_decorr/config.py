@@ -137,12 +137,14 @@ class DecorrConfig:
     decorr_log_per_layer: bool = field(
         default=True, metadata={"help": "Also log the penalty and eval metrics of each layer, not only their mean."}
     )
-    decorr_stop_on_nonfinite: bool = field(
-        default=True,
+    decorr_stop_on_nonfinite: bool | None = field(
+        default=None,
         metadata={
-            "help": "Stop training with hf_decorr.DivergenceError when the training loss or the penalty becomes NaN "
-            "or infinite (checked on the device at logging, evaluation and save steps and at the end, so no step "
-            "waits on the host), and never save non-finite weights."
+            "help": "Stop training with hf_decorr.DivergenceError when the training loss, the penalty or the gradient "
+            "norm becomes NaN or infinite at an optimizer step (under fp16 loss scaling: the gradient norm at 25 "
+            "steps in a row), checked on the device and read at logging, evaluation and save steps and at the end, "
+            "so no step waits on the host; never save non-finite weights. Default (unset): on when decorr_weight > "
+            "0, off at 0, where the trainer behaves exactly like a plain Trainer."
         },
     )
     decorr_precision: str = field(
@@ -187,9 +189,14 @@ class DecorrConfig:
         self._validate_decorr()
 
     def _validate_decorr(self) -> None:
-        for name in ("decorr_eval_metrics", "decorr_log_per_layer", "decorr_stop_on_nonfinite", "decorr_log_figures"):
+        for name in ("decorr_eval_metrics", "decorr_log_per_layer", "decorr_log_figures"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.decorr_stop_on_nonfinite is not None and not isinstance(self.decorr_stop_on_nonfinite, bool):
+            raise ValueError(
+                "decorr_stop_on_nonfinite must be True, False or None (on when decorr_weight > 0), got "
+                f"{self.decorr_stop_on_nonfinite!r}"
+            )
         weight = self.decorr_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ValueError(f"decorr_weight must be a number >= 0, got {weight!r}")

@@ -44,11 +44,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
+from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_pt_utils import find_batch_size
 from transformers.trainer_utils import unwrap_peft_model
 
-from ._compat import checkpointing_option, undo_eval_only_prepare
+from ._compat import checkpointing_option, sync_gradients_now, undo_eval_only_prepare
 from .capture import (
     CapturedCall,
     HiddenStateCapture,
@@ -64,10 +64,11 @@ from .distributed import (
     sum_accumulators,
     world_size,
 )
-from .errors import DecorrError, DivergenceError
+from .errors import DecorrError
 from .gram import cov_l1_lowmem, lowmem_covariance
 from .metrics import METRIC_NAMES, CovarianceAccumulator, decorrelation_metrics
 from .model_card import CARD_TAGS, MODEL_TAG, decorr_model_card, pipeline_tag_of, write_model_card
+from .monitor import DivergenceCallback, DivergenceMonitor, local_shard
 from .penalties import (
     Penalty,
     _cov_l1_of_covariance,
@@ -80,35 +81,6 @@ __all__ = ["DecorrTrainerMixin", "DecorrTrainer", "DecorrSeq2SeqTrainer", "Decor
 
 #: what ``Trainer(model)`` names the output folder when it builds default arguments (transformers 5.x)
 DEFAULT_OUTPUT_DIR = "tmp_trainer"
-
-
-def _local_shard(param: torch.Tensor) -> torch.Tensor:
-    """This process's part of a parameter (DeepSpeed ZeRO-3 keeps it in ``ds_tensor``; FSDP2 in a DTensor)."""
-    shard = getattr(param, "ds_tensor", None)
-    if shard is not None:
-        return shard
-    return param.to_local() if hasattr(param, "to_local") else param
-
-
-class _DivergenceCallback(TrainerCallback):
-    """Reads the trainer's on-device non-finite flags at logging, evaluation and save steps and at the end.
-
-    ``DefaultFlowCallback`` has set ``control.should_log / should_evaluate / should_save`` before
-    this runs, and ``Trainer`` logs, evaluates and saves only after ``on_step_end``: a diverged
-    run stops before anything is saved from it. The steps in between never wait on the host.
-    """
-
-    def __init__(self, trainer: DecorrTrainerMixin) -> None:
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        last = state.max_steps > 0 and state.global_step >= state.max_steps
-        if control.should_log or control.should_evaluate or control.should_save or last:
-            self.trainer._decorr_raise_if_diverged(weights=control.should_save or last)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_log or control.should_evaluate or control.should_save:
-            self.trainer._decorr_raise_if_diverged(weights=control.should_save)
 
 
 @dataclass
@@ -259,9 +231,9 @@ class DecorrTrainerMixin:
         self._decorr_window = _LogWindow()
         self._decorr_eval_stats: dict[str, CovarianceAccumulator] | None = None
         self._decorr_warned: set[str] = set()
-        self._decorr_nonfinite: torch.Tensor | None = None  # on device: (loss, penalty) seen non-finite
-        self._decorr_nonfinite_step: torch.Tensor | None = None  # on device: first such optimizer step, or -1
-        self.add_callback(_DivergenceCallback(self))
+        self.decorr_monitor = DivergenceMonitor()
+        if self.decorr_guard_active:
+            self.add_callback(DivergenceCallback(self))
         self.decorr_last_eval_covariances: dict[str, torch.Tensor] = {}
         if getattr(self.args, "decorr_log_figures", False):
             from .callbacks import DecorrFigureCallback
@@ -786,23 +758,31 @@ class DecorrTrainerMixin:
                 loss = loss + term.to(loss.dtype)
         self._decorr_window.add(task.float(), per_layer.detach().float(), few, sum(weights) / max(1, len(weights)),
                                 self.state.global_step)
-        if self.args.decorr_stop_on_nonfinite:
-            self._decorr_track_nonfinite(loss.detach(), per_layer.detach())
+        if self.decorr_guard_active:
+            self.decorr_monitor.observe_loss(loss.detach(), per_layer.detach(), self.state.global_step)
         return (loss, outputs) if return_outputs else loss
 
     # ---- divergence ----------------------------------------------------------------------------
 
-    def _decorr_track_nonfinite(self, loss: torch.Tensor, per_layer: torch.Tensor) -> None:
-        """OR this micro-batch's non-finite loss / penalty into on-device flags (no host sync)."""
-        bad = torch.stack([~torch.isfinite(loss).all(), ~torch.isfinite(per_layer.to(loss.device)).all()])
-        if self._decorr_nonfinite is None:
-            self._decorr_nonfinite = torch.zeros(2, dtype=torch.bool, device=loss.device)
-            self._decorr_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        first = self._decorr_nonfinite_step
-        self._decorr_nonfinite_step = torch.where(
-            (first < 0) & bad.any(), torch.full_like(first, self.state.global_step), first
-        )
-        self._decorr_nonfinite = self._decorr_nonfinite | bad
+    @property
+    def decorr_guard_active(self) -> bool:
+        """Whether the divergence guard runs: ``decorr_stop_on_nonfinite``, or when unset, ``decorr_weight > 0``.
+
+        With the default settings at ``decorr_weight=0`` the trainer therefore behaves exactly like a plain
+        ``Trainer`` (same callbacks, and a NaN loss is logged and trained on as ``Trainer`` does).
+        """
+        setting = self.args.decorr_stop_on_nonfinite
+        return self.args.decorr_weight > 0 if setting is None else setting
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        # the last micro-batch of an optimizer step: its gradients are complete and not yet clipped
+        if self.decorr_guard_active and sync_gradients_now(self.accelerator):
+            self.decorr_monitor.observe_gradients(
+                model.parameters(), self.state.global_step, scaled=self.accelerator.scaler is not None,
+                device=self.args.device,
+            )
+        return loss
 
     def _decorr_weights_nonfinite(self, model: nn.Module | None = None) -> torch.Tensor:
         """Whether any trainable parameter of this process holds NaN or inf (a device bool)."""
@@ -813,51 +793,36 @@ class DecorrTrainerMixin:
             return bad
         for param in model.parameters():
             if param.requires_grad:
-                shard = _local_shard(param)
+                shard = local_shard(param)
                 if shard.numel():
                     bad = bad | (~torch.isfinite(shard).all()).to(device)
         return bad
 
-    def _decorr_raise_if_diverged(self, weights: bool, collective: bool = True) -> None:
-        """Raise :class:`~hf_decorr.errors.DivergenceError` if a non-finite loss or penalty was seen.
+    def decorr_raise_if_diverged(self, weights: bool, collective: bool = True) -> None:
+        """Raise :class:`~hf_decorr.errors.DivergenceError` if training has diverged (see :mod:`hf_decorr.monitor`).
 
-        One host read (and with several processes one gather, so that every process stops at
-        the same step); ``weights`` also checks the trainable parameters.
+        Diverged: a non-finite loss, penalty or gradient norm at some optimizer step so far, or, with
+        ``weights``, a non-finite trainable parameter now. One host read, and with several processes
+        (``collective``) one gather, so that every process stops at the same step. Does nothing when
+        the guard is off (:attr:`decorr_guard_active`).
         """
-        if not self.args.decorr_stop_on_nonfinite:
+        if not self.decorr_guard_active:
             return
         device = self.args.device
-        status = torch.tensor([0.0, 0.0, -1.0, 0.0], dtype=torch.float64, device=device)
-        if self._decorr_nonfinite is not None:
-            status[:2] = self._decorr_nonfinite.to(device=device, dtype=torch.float64)
-            status[2] = self._decorr_nonfinite_step.to(device=device, dtype=torch.float64)
+        status = self.decorr_monitor.status(device)
         if weights:
-            status[3] = self._decorr_weights_nonfinite().to(torch.float64)
+            status[4] = self._decorr_weights_nonfinite().to(torch.float64)
         if collective and self.accelerator.num_processes > 1:
             gathered = self.accelerator.gather(status.unsqueeze(0))
-            steps = gathered[:, 2]
+            steps = gathered[:, 3]
             first = steps[steps >= 0].min() if bool((steps >= 0).any()) else steps.new_tensor(-1.0)
-            status = torch.cat([gathered[:, :2].amax(dim=0), first.reshape(1), gathered[:, 3:].amax(dim=0)])
-        loss_bad, penalty_bad, first, weights_bad = status.tolist()
-        if not (loss_bad or penalty_bad or weights_bad):
-            return
-        step = self.state.global_step
-        what = []
-        if loss_bad:
-            what.append("the training loss")
-        if penalty_bad:
-            what.append("the decorrelation penalty")
-        if what:
-            found = f"{' and '.join(what)} became NaN or infinite at optimizer step {int(first) + 1}"
-        else:
-            found = f"the trained weights hold NaN or infinite values after optimizer step {step}"
-        raise DivergenceError(
-            f"training diverged: {found} (detected at step {step}); nothing is saved from these weights. Lower "
-            f"decorr_weight (now {self.args.decorr_weight:g}) or learning_rate (now {self.args.learning_rate:g}), "
-            f"clip gradients with max_grad_norm > 0 (now {self.args.max_grad_norm:g}), or check the data for bad "
-            "values; decorr_stop_on_nonfinite=False trains on regardless",
-            step=step, first_step=int(first) + 1 if first >= 0 else None,
+            status = torch.cat([gathered[:, :3].amax(dim=0), first.reshape(1), gathered[:, 4:].amax(dim=0)])
+        error = DivergenceMonitor.error(
+            status.tolist(), self.state.global_step, self.args.decorr_weight, self.args.learning_rate,
+            self.args.max_grad_norm, scaled=self.accelerator.scaler is not None,
         )
+        if error is not None:
+            raise error
 
     _decorr_replay: PenaltyGradientReplay | None = None
 
@@ -993,7 +958,7 @@ class DecorrTrainerMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # never write non-finite weights (checkpoints come through here too); local check, no collective,
         # so that a save called on the main process only cannot hang
-        self._decorr_raise_if_diverged(weights=True, collective=False)
+        self.decorr_raise_if_diverged(weights=True, collective=False)
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             self.args.save_decorr_config(output_dir if output_dir is not None else self.args.output_dir)

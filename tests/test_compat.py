@@ -127,3 +127,28 @@ def test_recipe_parser_takes_the_new_name_on_an_older_transformers(tmp_path):
     assert parsed.gradient_checkpointing is True
     (parsed,) = DecorrArgumentParser(OldArguments).parse_args_and_config(["--activation_checkpointing=false"])
     assert parsed.gradient_checkpointing is False
+
+
+def test_assumption_sync_gradients_marks_the_last_micro_batch(tmp_path):
+    """_compat.sync_gradients_now: the Trainer sets accelerate's sync_gradients before each training_step,
+    true exactly for the last micro-batch of an optimizer step (the divergence guard reads the gradients there)."""
+    from tiny_models import tiny_bert, token_dataset
+
+    from hf_decorr import DecorrTrainer, DecorrTrainingArguments
+    from hf_decorr._compat import sync_gradients_now
+
+    marks = []
+
+    class Recording(DecorrTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            marks.append(sync_gradients_now(self.accelerator))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    args = DecorrTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
+                                   gradient_accumulation_steps=3, decorr_layers=["0"], report_to=[], use_cpu=True,
+                                   save_strategy="no", disable_tqdm=True)
+    Recording(model=tiny_bert(), args=args, train_dataset=token_dataset(24)).train()
+    assert marks == [False, False, True, False, False, True], (
+        "the assumption of hf_decorr._compat.sync_gradients_now no longer holds: the installed transformers does not "
+        "mark the last micro-batch of an optimizer step with accelerator.sync_gradients before training_step"
+    )

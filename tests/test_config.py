@@ -95,5 +95,5 @@ def test_save_decorr_config(tmp_path):
 @pytest.mark.parametrize("name", ["decorr_eval_metrics", "decorr_log_per_layer", "decorr_stop_on_nonfinite",
                                   "decorr_log_figures"])
 def test_switches_must_be_booleans(tmp_path, name):
-    with pytest.raises(ValueError, match=f"{name} must be True or False, got 'x'"):
+    with pytest.raises(ValueError, match=f"{name} must be True.*False.*got 'x'"):
         DecorrTrainingArguments(output_dir=str(tmp_path), **{name: "x"})

@@ -188,8 +188,8 @@ def test_case2_nonfinite_penalty_is_found_at_the_next_logging_step_without_a_syn
         value = cov.abs().mean(dim=(-2, -1))
         return value * math.nan if flag.on else value
 
-    # λ = 0: the penalty is only measured, the loss stays finite; it counts all the same
-    args = train_args(tmp_path, decorr_weight=0.0, logging_steps=5, max_steps=8)
+    # λ = 0: the penalty is only measured, the loss stays finite; with the guard switched on it counts all the same
+    args = train_args(tmp_path, decorr_weight=0.0, logging_steps=5, max_steps=8, decorr_stop_on_nonfinite=True)
     trainer = DecorrTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(40), decorr_penalty_fn=penalty,
                             callbacks=[flag])
     with pytest.raises(DivergenceError, match=r"the decorrelation penalty became NaN or infinite at optimizer step 3 "
@@ -214,8 +214,8 @@ def test_case2_nonfinite_loss_and_the_option_to_train_on(tmp_path):
     args = train_args(tmp_path / "a", decorr_weight=0.5, logging_steps=2, max_steps=4)
     trainer = DecorrTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(24), decorr_penalty_fn=penalty,
                             callbacks=[flag])
-    with pytest.raises(DivergenceError, match="the training loss and the decorrelation penalty became NaN or "
-                                              "infinite at optimizer step 2"):
+    with pytest.raises(DivergenceError, match="the training loss, the decorrelation penalty and the gradient "
+                                              "norm became NaN or infinite at optimizer step 2"):
         trainer.train()
     # decorr_stop_on_nonfinite=False: the old behaviour, trains on with NaN weights
     off = NaNAtStep(1)

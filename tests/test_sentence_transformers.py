@@ -136,12 +136,19 @@ def test_cached_loss_at_zero_weight_trains_like_the_plain_trainer(tmp_path):
 
 @pytest.mark.parametrize("layers", [["embedding"], ["-1"]])
 def test_cached_loss_trains_the_penalty_through_its_replay(layers, tmp_path):
-    """λ > 0: the cached loss's gradients equal the uncached loss's (same samples, one covariance)."""
+    """λ > 0: the cached loss's gradients equal the uncached loss's (same samples, one covariance).
+
+    "Equal" up to the cached loss's own rounding: sentence-transformers 6.3's cached loss differs from
+    the plain one by ~4e-6 already at λ = 0 (another summation order), so the penalised pair may differ
+    by no more than twice that, while the penalty itself moves the gradients by far more.
+    """
     grads = {}
+    cached = lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=2)
     for name, weight, loss_factory in [
         ("plain", 30.0, MultipleNegativesRankingLoss),
-        ("cached", 30.0, lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=2)),
+        ("cached", 30.0, cached),
         ("no_penalty", 0.0, MultipleNegativesRankingLoss),
+        ("cached_no_penalty", 0.0, cached),
     ]:
         model = minilm()
         args = st_args(tmp_path / name, decorr_layers=layers, decorr_weight=weight)
@@ -152,8 +159,14 @@ def test_cached_loss_trains_the_penalty_through_its_replay(layers, tmp_path):
         trainer.current_gradient_accumulation_steps = 1  # set by train(); training_step reads it
         trainer.training_step(model, batch)
         grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    torch.testing.assert_close(grads["cached"], grads["plain"], rtol=2e-3, atol=1e-6)
-    assert not torch.allclose(grads["plain"], grads["no_penalty"], rtol=1e-3, atol=1e-6)
+
+    def gap(a, b):
+        return (grads[a] - grads[b]).abs().max().item()
+
+    rounding = gap("cached_no_penalty", "no_penalty")
+    assert gap("cached", "plain") <= 2 * rounding + 1e-6
+    torch.testing.assert_close(grads["cached"], grads["plain"], rtol=2e-3, atol=2 * rounding + 1e-6)
+    assert gap("plain", "no_penalty") > 100 * (rounding + 1e-6)
 
 
 def test_card_tag_settings_and_config_are_saved(tmp_path):
