@@ -53,6 +53,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_decorr import DecorrTrainer, DecorrTrainingArguments
+from hf_decorr.engine import PenaltyEngine
 
 # ---- live heap bytes -------------------------------------------------------------------------------------------
 
@@ -134,11 +135,11 @@ def old_cov_l1(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return cov.abs().sum(dim=(-2, -1)) / cov.shape[-1] ** 2
 
 
-class OldPathTrainer(DecorrTrainer):
-    """DecorrTrainer with the previous penalty path: layers of one width stacked, then :func:`old_cov_l1`
-    (one process, no subsampling; on the CPU the valid token rows were gathered first)."""
+class OldPathEngine(PenaltyEngine):
+    """The previous penalty path: layers of one width stacked, then :func:`old_cov_l1` (one process, no
+    subsampling; on the CPU the valid token rows were gathered first)."""
 
-    def _decorr_penalties(self, samples):
+    def penalties(self, samples, step=0, micro=0, compact_cpu_tokens=True):
         groups: dict = {}
         for i, s in enumerate(samples):
             groups.setdefault(s.group, []).append(i)
@@ -146,7 +147,9 @@ class OldPathTrainer(DecorrTrainer):
         for members in groups.values():
             xs = [samples[i].x for i in members]
             ms = [samples[i].mask for i in members]
-            if self._decorr_compact_tokens(xs, ms, samples[members[0]].rows_bound):
+            first = ms[0]
+            if (compact_cpu_tokens and samples[members[0]].rows_bound is None and first is not None
+                    and first.device.type == "cpu" and all(m is not None and torch.equal(m, first) for m in ms)):
                 index = ms[0].nonzero().squeeze(-1)
                 xs, ms = [x.index_select(0, index) for x in xs], [None] * len(ms)
             h = xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
@@ -155,6 +158,14 @@ class OldPathTrainer(DecorrTrainer):
             for j, i in enumerate(members):
                 values[i] = result[j]
         return torch.stack(values), torch.zeros(())
+
+
+class OldPathTrainer(DecorrTrainer):
+    """DecorrTrainer on :class:`OldPathEngine`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decorr_engine = OldPathEngine(self.decorr_engine.configured, self.decorr_engine.settings)
 
 
 # ---- model, data, one measured micro-batch ---------------------------------------------------------------------

@@ -4,8 +4,6 @@
 covariance (``1/(N−1)``) of a layer's activations over the batch.
 """
 
-__version__ = "0.1.0"
-
 from .callbacks import DecorrFigureCallback
 from .capture import CapturedCall, HiddenStateCapture, find_block_stacks, resolve_layers
 from .config import (
@@ -18,7 +16,9 @@ from .errors import DecorrError, DivergenceError
 from .metrics import CovarianceAccumulator, decorrelation_metrics
 from .penalties import PENALTIES, Penalty, decorrelation_penalty, get_penalty, masked_covariance, register_penalty
 from .pooling import MissingMaskError, mask_from_inputs, pool_hidden
-from .trainer import MODEL_TAG, DecorrSamples, DecorrSeq2SeqTrainer, DecorrTrainer, DecorrTrainerMixin
+from .samples import DecorrSamples
+from .trainer import MODEL_TAG, DecorrSeq2SeqTrainer, DecorrTrainer, DecorrTrainerMixin
+from .version import __version__
 
 __all__ = [
     "__version__",

@@ -20,6 +20,11 @@ nothing on the others, so it can be deleted once the oldest supported version no
   optimizer step by setting accelerate's ``GradientState.sync_gradients`` *before* calling
   ``training_step`` (5.25 sets it by hand for each micro-batch; earlier 5.x through
   ``accelerator.accumulate``). The divergence guard reads the complete, unclipped gradients there.
+* :func:`trainer_divides_loss` — ``Trainer.training_step`` divides the loss that ``compute_loss``
+  returns by the accumulation steps unless it is "already scaled": ``loss_is_scaled_for_ga`` when
+  set (5.19+), else ``(model_accepts_loss_kwargs and num_items_in_batch is not None) or
+  compute_loss_func is not None``. The penalty must be divided exactly when the Trainer will not,
+  so this mirrors that rule (read in transformers 5.24 / 5.25).
 * :func:`total_grad_norm` — ``torch.nn.utils.get_total_norm`` (one foreach pass) exists from torch
   2.6; older versions take one norm per tensor.
 """
@@ -41,6 +46,7 @@ __all__ = [
     "checkpointing_option",
     "checkpointing_args",
     "sync_gradients_now",
+    "trainer_divides_loss",
     "total_grad_norm",
 ]
 
@@ -159,3 +165,17 @@ def sync_gradients_now(accelerator: Any) -> bool:
     by ``tests/test_compat.py::test_assumption_sync_gradients_marks_the_last_micro_batch``).
     """
     return bool(accelerator.sync_gradients)
+
+
+def trainer_divides_loss(trainer: Any, num_items_in_batch: Any) -> bool:
+    """Whether ``trainer.training_step`` will divide ``compute_loss``'s result by the accumulation steps.
+
+    Mirrors the Trainer's rule (checked by
+    ``tests/test_compat.py::test_assumption_training_step_divides_as_mirrored``).
+    """
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            trainer.compute_loss_func is not None
+        )
+    return not scaled

@@ -7,6 +7,7 @@ PEFT wrapper, so names look like ``bert.encoder.layer.5``):
 * ``-1``, ``0``, …: Python-style index into each block stack.
 * ``encoder:-1``, ``decoder:0``: an index into the stack(s) whose name contains that
   dotted component (for encoder-decoder models such as T5).
+* ``.``: the model itself (its own output), for models without sub-modules to choose from.
 * anything else is a glob over dotted module names, where ``*`` matches within one name
   component and ``**`` across components: ``model.layers.*.mlp``, ``encoder.block.*``,
   ``**.mlp``, or an exact name such as ``code``.
@@ -33,12 +34,17 @@ __all__ = [
     "BlockStack",
     "CapturedCall",
     "HiddenStateCapture",
-    "PenaltyGradientReplay",
     "call_inputs",
+    "decoder_side",
     "find_block_stacks",
+    "modules_by_name",
+    "ROOT",
     "first_tensor",
     "resolve_layers",
 ]
+
+#: the ``decorr_layers`` spec (and the layer name) of the model itself
+ROOT = "."
 
 _INDEX = re.compile(r"^-?\d+$")
 _QUALIFIED_INDEX = re.compile(r"^(?P<stack>[A-Za-z_][\w.]*):(?P<index>-?\d+)$")
@@ -102,6 +108,13 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
+def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    """``{dotted name: module}`` of ``model``'s sub-modules, plus :data:`ROOT` (``"."``) for the model itself."""
+    modules = {name: module for name, module in model.named_modules() if name}
+    modules[ROOT] = model
+    return modules
+
+
 def _describe(model: nn.Module, stacks: Sequence[BlockStack]) -> str:
     lines = []
     if stacks:
@@ -113,8 +126,9 @@ def _describe(model: nn.Module, stacks: Sequence[BlockStack]) -> str:
         lines.append("modules include: " + ", ".join(top))
     else:
         lines.append(
-            f"the model ({type(model).__name__}) has no sub-modules, so there is no layer to penalise: build it from "
-            "sub-modules (e.g. self.encoder = nn.Linear(...)) and name one in decorr_layers"
+            f"the model ({type(model).__name__}) has no sub-modules, so there is no layer to penalise: penalise the "
+            f"model's own output with decorr_layers=[{ROOT!r}], or build it from sub-modules (e.g. self.encoder = "
+            "nn.Linear(...)) and name one in decorr_layers"
         )
     return "; ".join(lines)
 
@@ -153,7 +167,9 @@ def resolve_layers(model: nn.Module, specs: Iterable[str]) -> list[str]:
 
     for raw in specs:
         spec = str(raw).strip()
-        if spec == "all":
+        if spec == ROOT:
+            resolved.append(ROOT)
+        elif spec == "all":
             resolved += [block for stack in need_stacks(spec) for block in stack.blocks]
         elif spec == "last":
             resolved += [stack.blocks[-1] for stack in need_stacks(spec)]
@@ -181,12 +197,19 @@ def resolve_layers(model: nn.Module, specs: Iterable[str]) -> list[str]:
     return unique
 
 
-def first_tensor(output: object) -> torch.Tensor | None:
+def decoder_side(model: nn.Module, names: Iterable[str]) -> dict[str, bool]:
+    """Per module name, whether it is on the decoder side of an encoder-decoder model (a ``decoder*`` component)."""
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    return {name: encoder_decoder and any(part.startswith("decoder") for part in name.split(".")) for name in names}
+
+
+def first_tensor(output: object, min_dim: int = 0) -> torch.Tensor | None:
     """The hidden-state tensor in a module's output.
 
     A tensor is returned as is; a ``ModelOutput`` (or any mapping) gives its
     ``last_hidden_state`` or else its first tensor value; a tuple or list gives its first
-    tensor element. ``None`` when the output holds no tensor.
+    tensor element. ``min_dim`` skips tensors of fewer dimensions (the model's own output,
+    :data:`ROOT`, is read with 2: its 0-d ``loss`` comes first). ``None`` when there is none.
     """
     if isinstance(output, torch.Tensor):
         return output
@@ -200,7 +223,7 @@ def first_tensor(output: object) -> torch.Tensor | None:
     else:
         return None
     for value in values:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.dim() >= min_dim:
             return value
     return None
 
@@ -260,8 +283,8 @@ class HiddenStateCapture:
     Modes: ``"off"`` (hooks return at once), ``"train"`` and ``"eval"``. In ``"train"`` every call is
     kept with its autograd state; :meth:`sample_calls` then prefers the grad-enabled calls (the
     no-grad pass of a cached loss or a reference model is then left out). In ``"eval"`` outputs
-    are detached. :attr:`outputs` keeps the single-call view of earlier versions (train: the first
-    grad-enabled output of each module; eval: the last output).
+    are detached. :attr:`ran_without_grad` names the modules that ran without autograd in a
+    ``"train"`` recording.
 
     ``output_keys`` maps a module name to the key of the tensor to take when the module returns
     a mapping (sentence-transformers modules return the features dict: ``"token_embeddings"``,
@@ -283,7 +306,6 @@ class HiddenStateCapture:
         self.root = root
         self.output_keys = dict(output_keys or {})
         self.mode = "off"
-        self.outputs: dict[str, torch.Tensor] = {}
         self.ran_without_grad: set[str] = set()
         self.calls: list[CapturedCall] = []
         self._orphans: dict[bool, CapturedCall] = {}  # outputs outside any call of the root, by autograd state
@@ -292,6 +314,7 @@ class HiddenStateCapture:
         self._warned_repeat = False
 
     def attach(self) -> None:
+        """Register the hooks (idempotent); they record only while :attr:`mode` is not ``"off"``."""
         if self._handles:
             return
         self._depth = 0
@@ -302,6 +325,7 @@ class HiddenStateCapture:
             self._handles.append(module.register_forward_hook(self._make_hook(name)))
 
     def detach(self) -> None:
+        """Remove the hooks and forget what was recorded."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -337,7 +361,7 @@ class HiddenStateCapture:
             self._depth = 0
 
     def clear(self) -> None:
-        self.outputs.clear()
+        """Forget the recorded calls (the hooks stay as they are)."""
         self.ran_without_grad.clear()
         self.calls.clear()
         self._orphans = {}
@@ -381,12 +405,14 @@ class HiddenStateCapture:
         if self._depth > 0:
             self._depth -= 1
 
-    def _tensor_of(self, name: str, module: nn.Module, output: object) -> torch.Tensor:
+    def tensor_of(self, name: str, module: nn.Module, output: object) -> torch.Tensor:
+        """The hidden-state tensor in the output of module ``name`` (its ``output_keys`` entry, else
+        :func:`first_tensor`); ``TypeError`` naming the module when there is none."""
         key = self.output_keys.get(name)
         if key is not None and isinstance(output, Mapping):
             tensor = output.get(key)
         else:
-            tensor = first_tensor(output)
+            tensor = first_tensor(output, min_dim=2 if name == ROOT else 0)
         if not isinstance(tensor, torch.Tensor):
             what = f"no tensor under {key!r}" if key is not None else "no tensor"
             raise TypeError(
@@ -401,8 +427,9 @@ class HiddenStateCapture:
                 return
             self._recorded_mode = self.mode
             grad = torch.is_grad_enabled()
-            tensor = self._tensor_of(name, module, output)
-            self._record_legacy(name, tensor, grad)
+            tensor = self.tensor_of(name, module, output)
+            if self.mode == "train" and not grad:
+                self.ran_without_grad.add(name)
             if self._depth > 0 and self.calls:
                 call = self.calls[-1]
             else:
@@ -428,93 +455,5 @@ class HiddenStateCapture:
                     )
                 return
             call.outputs[name] = tensor if (grad and self.mode == "train") else tensor.detach()
-
-        return hook
-
-    def _record_legacy(self, name: str, tensor: torch.Tensor, grad: bool) -> None:
-        """:attr:`outputs`: the first grad-enabled output per module (train), the last one (eval)."""
-        if self.mode == "eval":
-            self.outputs[name] = tensor.detach()
-        elif not grad:
-            self.ran_without_grad.add(name)
-        elif name not in self.outputs:
-            self.outputs[name] = tensor
-
-
-class PenaltyGradientReplay:
-    """Add the penalty's gradient to the outputs of a cached loss's grad-enabled replay.
-
-    Cached losses (``CachedMultipleNegativesRankingLoss`` & co., GradCache) embed every
-    mini-batch twice: first without autograd inside the loss's forward, then again with autograd
-    during ``backward``, replaying the same random state. When only the first pass was recorded,
-    the trainer computes the penalty ``P`` and its gradients ``∂P/∂h_c`` with respect to the
-    recorded outputs ``h_c`` of each call ``c``; this object then adds ``upstream · ∂P/∂h_c`` to
-    the gradient of the same module's output in the ``c``-th grad-enabled call of the replay,
-    where ``upstream`` is the gradient that reached the loss (gradient accumulation, loss
-    scaling). The result is the exact gradient of ``P`` computed over all calls at once.
-
-    :meth:`arm` attaches the hooks (called from the loss's backward); they remove themselves after
-    the last expected call, and :meth:`disarm` removes them in any case.
-    """
-
-    def __init__(self, capture: HiddenStateCapture, grads: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        self.capture = capture
-        self.grads = list(grads)
-        self.upstream: torch.Tensor | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._index = -1
-        self._depth = 0
-        self.injected = 0
-
-    @property
-    def armed(self) -> bool:
-        return bool(self._handles)
-
-    def arm(self, upstream: torch.Tensor) -> None:
-        self.disarm()
-        self.upstream = upstream
-        self._index, self._depth = -1, 0
-        root = self.capture.root
-        if root is None:
-            raise RuntimeError("PenaltyGradientReplay needs a capture with a root module")
-        self._handles.append(root.register_forward_pre_hook(self._enter, with_kwargs=True))
-        self._handles.append(root.register_forward_hook(self._exit, always_call=True))
-        for name, module in self.capture.modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
-
-    def disarm(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._depth += 1
-        if self._depth == 1 and torch.is_grad_enabled():
-            self._index += 1
-
-    def _exit(self, module: nn.Module, args: tuple, output: object) -> None:
-        self._depth = max(0, self._depth - 1)
-        if self._depth == 0 and self._index >= len(self.grads) - 1:
-            self.disarm()
-
-    def _make_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if self._depth == 0 or not torch.is_grad_enabled() or not 0 <= self._index < len(self.grads):
-                return
-            grad = self.grads[self._index].get(name)
-            if grad is None:
-                return
-            tensor = self.capture._tensor_of(name, module, output)
-            if tuple(tensor.shape) != tuple(grad.shape):
-                raise RuntimeError(
-                    f"decorr: the cached loss's replay of call {self._index} gave {name!r} the shape "
-                    f"{tuple(tensor.shape)}, but its first pass gave {tuple(grad.shape)}; the penalty's gradient "
-                    "cannot be applied (the loss must replay its mini-batches in the order of its first pass)"
-                )
-            if not tensor.requires_grad:
-                return
-            extra = grad * self.upstream.to(grad.dtype)
-            tensor.register_hook(lambda g, extra=extra: g + extra.to(g.dtype))
-            self.injected += 1
 
         return hook

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Self
+from typing import Any, TypeVar
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
@@ -41,6 +42,8 @@ __all__ = [
     "SYNC_MODES",
     "check_base_order",
 ]
+
+_C = TypeVar("_C", bound="DecorrConfig")
 
 DECORR_CONFIG_NAME = "decorr_config.json"
 SYNC_MODES = ("global", "local")
@@ -85,7 +88,8 @@ class DecorrConfig:
         default_factory=lambda: ["last"],
         metadata={
             "help": "Layers to penalise: 'last', 'all', indices into the stack of transformer blocks ('-1', '0'), "
-            "'encoder:-1' / 'decoder:0' for encoder-decoder models, or module-name globs ('model.layers.*.mlp')."
+            "'encoder:-1' / 'decoder:0' for encoder-decoder models, module-name globs ('model.layers.*.mlp'), or '.' "
+            "(the model's own output)."
         },
     )
     decorr_penalty: str = field(
@@ -186,9 +190,10 @@ class DecorrConfig:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
-        self._validate_decorr()
+        self.validate_decorr()
 
-    def _validate_decorr(self) -> None:
+    def validate_decorr(self) -> None:
+        """Check the decorr settings; ``ValueError`` naming the option and its valid values (run on construction)."""
         for name in ("decorr_eval_metrics", "decorr_log_per_layer", "decorr_log_figures"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -226,6 +231,12 @@ class DecorrConfig:
             raise ValueError(f"decorr_warmup_steps must be >= 0, got {self.decorr_warmup_steps}")
         if isinstance(self.decorr_top_d, bool) or not isinstance(self.decorr_top_d, int) or self.decorr_top_d < 1:
             raise ValueError(f"decorr_top_d must be an integer >= 1, got {self.decorr_top_d!r}")
+        if self.decorr_log_figures and getattr(self, "report_to", None) in ([], "none", ["none"]):
+            warnings.warn(
+                "decorr_log_figures=True logs the figures through the report_to integrations (TensorBoard, W&B, ...), "
+                "but report_to is 'none': no figure will be logged (set report_to='tensorboard', for instance)",
+                stacklevel=3,
+            )
         if self.decorr_log_figures:
             import importlib.util
 
@@ -252,7 +263,7 @@ class DecorrConfig:
         return {f.name: getattr(self, f.name) for f in fields(DecorrConfig)}
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike, **overrides: Any) -> Self:
+    def from_json(cls: type[_C], path: str | os.PathLike, **overrides: Any) -> _C:
         """Read the settings saved by :meth:`save_decorr_config` (a ``decorr_config.json`` or its folder).
 
         ``overrides`` are further constructor arguments (for a ``DecorrTrainingArguments``, e.g.

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from .gram import GramFunction, default_chunk, lowmem_covariance, resolve_precision
 from .metrics import CovarianceAccumulator
-from .penalties import Penalty, _prepare, decorrelation_penalty, get_penalty
+from .penalties import Penalty, decorrelation_penalty, get_penalty
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
@@ -360,12 +360,10 @@ def global_penalty_with_count(
         gathered = gathered.movedim(0, -3).flatten(-3, -2)  # (..., W · rows_bound, p + 1)
         m_all = gathered[..., -1] > 0.5
         return decorrelation_penalty(gathered[..., :-1], m_all, penalty), m_all.sum(dim=-1)
-    if penalty.name == "l1" and not penalty.of_covariance:
+    if penalty.sums is not None:  # a ratio of sums (l1): exact from the summed sums
         with torch.autocast(device_type=h.device.type, enabled=False):
-            h, m = _prepare(h, mask)
-            totals = torch.stack([h.abs().sum(dim=(-2, -1)), m.sum(dim=(-2, -1))])
-            totals = _sum_over_ranks(totals, replicated_loss)
-            return totals[0] / (totals[1].clamp_min(1) * h.shape[-1]), totals[1].detach()
+            totals = _sum_over_ranks(penalty.sums(h, mask), replicated_loss)
+            return totals[0] / totals[1].clamp_min(1), totals[2].detach()
     if not penalty.of_covariance:
         raise ValueError(
             f"decorr_penalty={penalty.name!r} is a function of the samples, not of their covariance, so it cannot "

@@ -17,9 +17,10 @@ from huggingface_hub import ModelCard, ModelCardData
 from .atomic import write_text_atomic
 from .config import DECORR_CONFIG_NAME
 from .penalties import PENALTIES
+from .version import __version__
 
-__all__ = ["MODEL_TAG", "CARD_TAGS", "FORMULA", "decorr_model_card", "write_model_card", "looks_like_hub_id",
-           "pipeline_tag_of"]
+__all__ = ["MODEL_TAG", "CARD_TAGS", "FORMULA", "decorr_model_card", "trainer_model_card", "write_model_card",
+           "looks_like_hub_id", "pipeline_tag_of"]
 
 #: the Hub tag of every model trained with hf_decorr
 MODEL_TAG = "hf-decorr"
@@ -148,8 +149,6 @@ def decorr_model_card(
     card's metadata only when they look like Hub ids. The penalty's text is its description in the
     registry (:func:`hf_decorr.register_penalty`) unless ``penalty_description`` is given.
     """
-    from . import __version__
-
     tags = [*CARD_TAGS, *extra_tags]
     data = ModelCardData(
         library_name="transformers",
@@ -236,6 +235,61 @@ def decorr_model_card(
     ]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
     return ModelCard(content)
+
+
+def trainer_model_card(
+    *,
+    model: Any,
+    settings: Mapping[str, Any],
+    penalty: Any,
+    layer_names: Sequence[str],
+    log_history: Sequence[Mapping[str, Any]],
+    tag_names: Sequence[str],
+    model_name: str,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_name: str | None = None,
+    tags: str | list[str] | None = None,
+    license: str | None = None,
+    metrics: Mapping[str, float] | None = None,
+    **card_options: Any,
+) -> ModelCard:
+    """The card of a trainer's model (what ``DecorrTrainerMixin.create_model_card`` writes).
+
+    ``settings`` are the trainer's :meth:`~hf_decorr.config.DecorrConfig.decorr_dict`, ``penalty`` the
+    :class:`~hf_decorr.penalties.Penalty` it uses (a custom one is named and described), ``metrics`` default
+    to the last ``eval_*`` and ``test_*`` entries of ``log_history``; tags are ``tag_names``, the model's own
+    ``model_tags`` and ``tags``; ``finetuned_from`` defaults to the model's ``name_or_path`` and ``tasks``
+    to the pipeline tag of its head.
+    """
+    if metrics is None:
+        latest: dict[str, dict[str, float]] = {}
+        for entry in log_history:
+            for prefix in ("eval_", "test_"):
+                if any(key.startswith(prefix) for key in entry):
+                    latest[prefix] = {k: v for k, v in entry.items() if k.startswith(prefix)}
+        metrics = {k: v for part in latest.values() for k, v in part.items()}
+    extra = [tags] if isinstance(tags, str) else list(tags or [])
+    extra += [t for t in (getattr(model, "model_tags", None) or []) if t not in tag_names]
+    task = tasks[0] if isinstance(tasks, list) and tasks else tasks
+    datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
+    if dataset_name:
+        datasets.append(dataset_name)
+    custom = penalty.name != settings.get("decorr_penalty")
+    return decorr_model_card(
+        model_name=model_name,
+        decorr_settings={**settings, **({"decorr_penalty": penalty.name} if custom else {})},
+        layer_names=layer_names,
+        metrics=metrics,
+        task=task or pipeline_tag_of(model),
+        base_model=finetuned_from or getattr(model, "name_or_path", None) or None,
+        datasets=datasets or None,
+        extra_tags=[*tag_names, *extra],
+        license=license,
+        penalty_description=penalty.description if custom else None,
+        **card_options,
+    )
 
 
 def write_model_card(folder: str | os.PathLike, card: ModelCard) -> str:

@@ -1,4 +1,12 @@
-"""The divergence guard: on-device records of non-finite training values, read where the Trainer syncs anyway.
+"""What the trainer watches between logging steps: the log window and the divergence guard.
+
+Both keep device tensors that each training micro-batch adds to without waiting on the host,
+and are read once where the Trainer syncs anyway (a logging, evaluation or save step).
+
+**Log window** (:class:`LogWindow`): sums of the task loss, the per-layer penalties and the count of
+layers with fewer than 2 samples, flushed into the logged values at each logging step.
+
+**Divergence guard** (:class:`DivergenceMonitor`, :class:`DivergenceCallback`):
 
 Training has diverged when, at some optimizer step, the training loss, the penalty **or the
 gradient norm** ``‖g‖₂`` (over this process's gradients, before clipping) is NaN or infinite,
@@ -16,13 +24,16 @@ Nothing here waits on the host: each observation ORs device booleans into a smal
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from transformers import TrainerCallback
 
 from ._compat import total_grad_norm
 from .errors import DivergenceError
 
-__all__ = ["DivergenceMonitor", "DivergenceCallback", "SCALER_PATIENCE", "local_shard"]
+__all__ = ["LogWindow", "DivergenceMonitor", "DivergenceCallback", "SCALER_PATIENCE", "local_shard",
+           "weights_nonfinite"]
 
 #: consecutive optimizer steps with a non-finite gradient norm after which fp16 loss scaling counts as diverged
 SCALER_PATIENCE = 25
@@ -37,6 +48,61 @@ def local_shard(param: torch.Tensor) -> torch.Tensor:
     if shard is not None:
         return shard
     return param.to_local() if hasattr(param, "to_local") else param
+
+
+def weights_nonfinite(model: torch.nn.Module | None, device: torch.device) -> torch.Tensor:
+    """Whether any trainable parameter of this process (its shard) holds NaN or inf: a device bool, no sync."""
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    for param in model.parameters() if model is not None else ():
+        shard = local_shard(param)
+        if param.requires_grad and shard.numel():
+            bad = bad | (~torch.isfinite(shard).all()).to(device)
+    return bad
+
+
+class LogWindow:
+    """Device-side sums of the values logged at the next logging step."""
+
+    def __init__(self) -> None:
+        self.task: torch.Tensor | None = None
+        self.layers: torch.Tensor | None = None
+        self.few: torch.Tensor | None = None
+        self.micro = 0
+        self.weight_sum = 0.0
+        self.start_step: int | None = None
+
+    def add(self, task: torch.Tensor, layers: torch.Tensor, few: torch.Tensor, weight: float, step: int) -> None:
+        """One micro-batch: its task loss (already divided as ``training_step`` will), per-layer penalties ``(L,)``,
+        count of layers with < 2 samples, mean layer weight, and the optimizer step it belongs to."""
+        if self.micro == 0:
+            self.task, self.layers, self.few, self.start_step = task, layers, few, step
+        else:
+            self.task, self.layers, self.few = self.task + task, self.layers + layers, self.few + few
+        self.micro += 1
+        self.weight_sum += weight
+
+    def flush(self, step: int, layer_names: Sequence[str], per_layer: bool,
+              gather_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[dict[str, float], bool]:
+        """The logged values, and whether some batch had fewer than 2 samples in a layer (one host read).
+
+        ``task_loss`` is the mean over the optimizer steps of the window, ``decorr_loss`` (``Σ_layers P``) and
+        ``decorr_loss/<layer>`` the mean over its micro-batches, ``decorr_weight`` the mean ``λ_t``;
+        ``gather_mean`` averages the values over processes (``None``: one process).
+        """
+        values = torch.cat([self.task.reshape(1), self.layers, self.few.float().reshape(1).to(self.task)])
+        if gather_mean is not None:
+            values = gather_mean(values)
+        values = values.tolist()
+        optimizer_steps = max(1, step - (self.start_step or 0))
+        layers = [v / self.micro for v in values[1:-1]]
+        logs = {
+            "task_loss": values[0] / optimizer_steps,
+            "decorr_loss": sum(layers),
+            "decorr_weight": self.weight_sum / self.micro,
+        }
+        if per_layer and len(layers) > 1:
+            logs.update({f"decorr_loss/{name}": v for name, v in zip(layer_names, layers)})
+        return logs, values[-1] > 0
 
 
 class DivergenceMonitor:
@@ -95,6 +161,13 @@ class DivergenceMonitor:
         if state is not None:
             out[:4] = state[:4]
         return out
+
+    @staticmethod
+    def combine(gathered: torch.Tensor) -> torch.Tensor:
+        """One status from the statuses of all processes ``(W, 5)``: any flag, the earliest first step."""
+        steps = gathered[:, 3]
+        first = steps[steps >= 0].min() if bool((steps >= 0).any()) else steps.new_tensor(-1.0)
+        return torch.cat([gathered[:, :3].amax(dim=0), first.reshape(1), gathered[:, 4:].amax(dim=0)])
 
     @staticmethod
     def error(status: list[float], step: int, weight: float, learning_rate: float, max_grad_norm: float,

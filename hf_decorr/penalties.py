@@ -176,6 +176,14 @@ class Penalty:
             samples of all processes under ``decorr_sync="global"`` (exactly, from p × p statistics).
         correction: ``1`` for ``C`` with ``1/(n − 1)``, ``0`` for ``1/n``.
         description: one line with the formula, shown in ``--help``, errors and model cards.
+        kernel: optional fast path of a covariance penalty computed straight from the samples,
+            ``kernel(h (..., N, p), mask, *, index=None, chunk=None, precision="fp32") → (...)``, equal
+            to ``fn(C)`` (``cov_l1`` has the fused, tiled one of :func:`~hf_decorr.gram.cov_l1_lowmem`).
+            Used whenever the penalty is computed from local samples and ``fn`` is not overridden.
+        sums: optional form of a penalty of the samples as a ratio of sums, ``sums(h, mask) → (3, ...)``
+            holding ``(numerator, denominator, valid rows)``, with ``fn(h, mask) = numerator / denominator``.
+            Such a penalty runs exactly over the samples of all processes under ``decorr_sync="global"``
+            (the three sums are summed over processes); ``l1`` has one.
     """
 
     name: str
@@ -183,11 +191,13 @@ class Penalty:
     of_covariance: bool
     correction: int = 1
     description: str = ""
+    kernel: Callable[..., torch.Tensor] | None = None
+    sums: Callable[..., torch.Tensor] | None = None
 
     def __call__(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The penalty of samples ``h`` (``(..., N, p)``) with validity ``mask``; shape ``(...)``."""
-        if self.fn is _cov_l1_of_covariance and self.correction == 1:
-            return cov_l1_lowmem(h, mask)  # fused and tiled: never the whole C (see hf_decorr.gram)
+        if self.kernel is not None:
+            return self.kernel(h, mask)
         if self.of_covariance:
             cov, _ = masked_covariance(h, mask, correction=self.correction)
             return self.fn(cov)
@@ -214,6 +224,8 @@ def register_penalty(
     of_covariance: bool,
     correction: int = 1,
     description: str = "",
+    kernel: Callable[..., torch.Tensor] | None = None,
+    sums: Callable[..., torch.Tensor] | None = None,
 ) -> Penalty:
     """Register a penalty under ``name`` (then usable as ``decorr_penalty=name``); returns it.
 
@@ -223,6 +235,8 @@ def register_penalty(
         of_covariance: whether ``fn`` is a function of the covariance alone.
         correction: the covariance divisor ``n − correction`` (``1`` unbiased, ``0`` biased).
         description: one line with the formula.
+        kernel: a fast path of a covariance penalty from the samples (see :class:`Penalty`).
+        sums: the ratio-of-sums form of a penalty of the samples (see :class:`Penalty`).
 
     Example::
 
@@ -237,7 +251,11 @@ def register_penalty(
         raise TypeError(f"penalty {name!r}: fn must be callable, got {type(fn).__name__}")
     if correction not in (0, 1):
         raise ValueError(f"penalty {name!r}: correction must be 0 (1/n) or 1 (1/(n−1)), got {correction!r}")
-    penalty = Penalty(name, fn, bool(of_covariance), int(correction), description)
+    if kernel is not None and (not of_covariance or not callable(kernel)):
+        raise ValueError(f"penalty {name!r}: kernel must be callable and is for penalties of the covariance only")
+    if sums is not None and (of_covariance or not callable(sums)):
+        raise ValueError(f"penalty {name!r}: sums must be callable and is for penalties of the samples only")
+    penalty = Penalty(name, fn, bool(of_covariance), int(correction), description, kernel=kernel, sums=sums)
     dict.__setitem__(PENALTIES, name, penalty)
     return penalty
 
@@ -271,7 +289,7 @@ class PenaltyNames(Sequence):
         return repr(list(PENALTIES))
 
 
-register_penalty("cov_l1", _cov_l1_of_covariance, of_covariance=True, correction=1,
+register_penalty("cov_l1", _cov_l1_of_covariance, of_covariance=True, correction=1, kernel=cov_l1_lowmem,
                  description="Kågebäck & Mogren L_Σ = (1/p²) Σ_ij |C_ij|, C with 1/(N−1), diagonal included")
 register_penalty("decov", _decov_of_covariance, of_covariance=True, correction=0,
                  description="DeCov (Cogswell et al. 2016): ½(‖C‖_F² − ‖diag C‖²), C with 1/N")
@@ -283,7 +301,15 @@ def _l1_of_samples(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.T
     return l1_activation_penalty(h, mask)
 
 
-register_penalty("l1", _l1_of_samples, of_covariance=False,
+def _l1_sums(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(Σ_k m_k Σ_i |H_ki|, n p, n)``, shape ``(3, ...)``: the L1 penalty is the first over the second."""
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        h, m = _prepare(h, mask)
+        n = m.sum(dim=(-2, -1))
+        return torch.stack([h.abs().sum(dim=(-2, -1)), n * h.shape[-1], n])
+
+
+register_penalty("l1", _l1_of_samples, of_covariance=False, sums=_l1_sums,
                  description="L1 activation penalty (the paper's baseline): mean |h| over valid samples and units")
 
 

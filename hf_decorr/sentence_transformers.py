@@ -139,6 +139,6 @@ class DecorrSentenceTransformerTrainer(DecorrTrainerMixin, SentenceTransformerTr
         if card is not None:
             card.add_tags([MODEL_TAG, "decorrelation", "covariance-penalty"])
 
-    def _decorr_resolve_layers(self, model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    def decorr_resolve_layers(self, model: nn.Module) -> tuple[list[str], dict[str, str]]:
         """``decorr_layers`` resolved on the ``SentenceTransformer`` (``"embedding"`` and ``"pooled"`` included)."""
         return resolve_sentence_transformer_layers(model, list(self.args.decorr_layers))

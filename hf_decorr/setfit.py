@@ -38,7 +38,13 @@ from .sentence_transformers import (
 )
 from .trainer import DecorrTrainerMixin
 
-__all__ = ["DecorrSetFitEmbeddingTrainer", "decorr_setfit_trainer"]
+__all__ = ["DecorrSetFitEmbeddingTrainer", "decorr_setfit_trainer", "FOREIGN_TRAINER_HINT"]
+
+#: what the core's error says to a user who mixes DecorrTrainerMixin into setfit.Trainer
+FOREIGN_TRAINER_HINT = (
+    "For SetFit, keep setfit.Trainer and call hf_decorr.setfit.decorr_setfit_trainer(trainer, decorr_weight=...), "
+    "which makes its embedding phase (a sentence-transformers trainer) train with the penalty."
+)
 
 _DECORR_FIELDS = {f.name for f in dataclasses.fields(DecorrConfig)}
 
@@ -46,7 +52,7 @@ _DECORR_FIELDS = {f.name for f in dataclasses.fields(DecorrConfig)}
 class DecorrSetFitEmbeddingTrainer(DecorrTrainerMixin, _setfit_trainer.BCSentenceTransformersTrainer):
     """SetFit's inner sentence-transformers trainer (``BCSentenceTransformersTrainer``) with the penalty."""
 
-    def _decorr_resolve_layers(self, model):
+    def decorr_resolve_layers(self, model):
         return resolve_sentence_transformer_layers(model, list(self.args.decorr_layers))
 
 

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_decorr import DecorrTrainer, DecorrTrainingArguments  # noqa: E402
+from hf_decorr.engine import PenaltyEngine  # noqa: E402
 from hf_decorr.penalties import PENALTIES, decorrelation_penalty  # noqa: E402
 
 FAILED: list[str] = []
@@ -126,14 +127,14 @@ def penalties_cuda_vs_cpu() -> None:
 
 def bf16_steps() -> None:
     seen: list[torch.Tensor] = []
-    original = DecorrTrainer._decorr_penalties
+    original = PenaltyEngine.penalties
 
-    def spy(self, samples):
-        per_layer, few = original(self, samples)
+    def spy(self, samples, *args, **kwargs):
+        per_layer, few = original(self, samples, *args, **kwargs)
         seen.append(per_layer.detach())
         return per_layer, few
 
-    DecorrTrainer._decorr_penalties = spy
+    PenaltyEngine.penalties = spy
     try:
         for label, kw in (("autocast", {"bf16": True}), ("bf16_weights", {"model": tiny_bert().to(torch.bfloat16)})):
             seen.clear()
@@ -147,7 +148,7 @@ def bf16_steps() -> None:
                   str(log))
             print(f"  bf16/{label}: {log}")
     finally:
-        DecorrTrainer._decorr_penalties = original
+        PenaltyEngine.penalties = original
 
 
 def eval_cuda_vs_cpu() -> None:

@@ -378,7 +378,8 @@ def fsdp2_step(pooling: str) -> dict[str, object]:
     per = TRAIN_SIZE // world
     batch = collate(bert_data(TRAIN_SIZE, 10)[per * r: per * (r + 1)])
     out = model(**batch)
-    samples = [pool_hidden(capture.outputs[n], batch["attention_mask"], pooling, n) for n in names]
+    outputs = {n: h for call in capture.sample_calls() for n, h in call.outputs.items()}
+    samples = [pool_hidden(outputs[n], batch["attention_mask"], pooling, n) for n in names]
     h = torch.stack([x for x, _ in samples])
     mask = None if samples[0][1] is None else torch.stack([m for _, m in samples])
     bound = per if pooling != "tokens" else None

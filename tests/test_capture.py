@@ -81,7 +81,7 @@ def test_capture_modes_and_missing_tensor():
     capture.attach()
     module = capture.modules["odd"]
     module(torch.ones(1))  # off: nothing
-    assert capture.outputs == {}
+    assert capture.sample_calls() == []
     capture.mode = "train"
     with pytest.raises(TypeError, match="decorr_layers: module 'odd' \\(Odd\\) returned dict, which holds no tensor"):
         module(torch.ones(1))
@@ -95,14 +95,17 @@ def test_train_capture_ignores_no_grad_and_repeats():
     capture.mode = "train"
     with torch.no_grad():
         lin(torch.ones(1, 3))
-    assert capture.outputs == {}
+    assert capture.ran_without_grad == {"lin"} and not any(call.grad for call in capture.sample_calls())
     first = lin(torch.ones(1, 3))
     with pytest.warns(UserWarning, match="ran more than once"):
         lin(torch.zeros(1, 3))
-    assert capture.outputs["lin"] is first
+    [call] = capture.sample_calls()  # the grad-enabled output is preferred, the first of the repeats kept
+    assert call.grad and call.outputs["lin"] is first
+    capture.clear()
     capture.mode = "eval"
     second = lin(torch.zeros(1, 3))
-    torch.testing.assert_close(capture.outputs["lin"], second.detach())
+    [call] = capture.sample_calls()
+    torch.testing.assert_close(call.outputs["lin"], second.detach())
 
 
 def hidden_and_mask():

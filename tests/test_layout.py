@@ -207,3 +207,69 @@ def test_no_product_file_depends_on_shared():
                 if "../shared" in f.read():
                     offenders.append(os.path.relpath(name, REPO_ROOT))
     assert offenders == []
+
+
+def _import_froms(path: str, module: str):
+    """``(target module, imported name, line)`` of every ``from … import name`` of an hf_decorr module."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package.split(".")
+            target = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+        else:
+            target = node.module or ""
+        if target.split(".")[0] == "hf_decorr":
+            for alias in node.names:
+                yield target, alias.name, node.lineno
+
+
+def test_no_module_imports_a_private_name_of_another_except_compat():
+    modules = _modules()
+    bad = [f"{name}:{line} imports {target}.{imported}"
+           for name, path in modules.items() for target, imported, line in _import_froms(path, name)
+           if imported.startswith("_") and not imported.startswith("__") and target != "hf_decorr._compat"
+           and f"{target}.{imported}" not in modules]
+    assert bad == []
+
+
+def test_no_import_runs_back_up_to_a_package():
+    """A module never imports names from a package above it (its ``__init__``): the arrows point down.
+
+    ``from . import submodule`` is allowed (it names a module, not the package's own namespace).
+    """
+    modules = _modules()
+    packages = {name for name, path in modules.items() if path.endswith("__init__.py")}
+    bad = []
+    for name, path in modules.items():
+        for target, imported, line in _import_froms(path, name):
+            above = target in packages and (name == target or name.startswith(target + "."))
+            if above and name != target and f"{target}.{imported}" not in modules:
+                bad.append(f"{name}:{line} imports {imported} from the package {target}")
+    assert bad == []
+
+
+def test_penalties_are_never_told_apart_by_identity_or_name_outside_the_registry():
+    """A penalty carries its own fast paths (``kernel``, ``sums``): no module tests which penalty it is."""
+    bad = []
+    for name, path in _modules().items():
+        if name == "hf_decorr.penalties":
+            continue
+        text = open(path, encoding="utf-8").read()
+        for needle in ("_cov_l1_of_covariance", 'name == "l1"', "name == 'l1'", 'name == "cov_l1"', ".fn is "):
+            if needle in text:
+                bad.append(f"{name} names {needle!r}")
+    assert bad == []
+
+
+def test_the_trainer_keeps_overrides_and_delegates():
+    """trainer.py ≤ 600 lines, DecorrTrainerMixin ≤ 400 lines, compute_loss ≤ 40 lines."""
+    path = os.path.join(PACKAGE_DIR, "trainer.py")
+    source = open(path, encoding="utf-8").read()
+    assert len(source.splitlines()) <= 600
+    [mixin] = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "DecorrTrainerMixin"]
+    assert mixin.end_lineno - mixin.lineno + 1 <= 400
+    [loss] = [n for n in mixin.body if isinstance(n, ast.FunctionDef) and n.name == "compute_loss"]
+    assert loss.end_lineno - loss.lineno + 1 <= 40

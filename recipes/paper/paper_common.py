@@ -192,8 +192,9 @@ def layer_covariances(
             batch = dataset.__getitems__(range(start, min(start + batch_size, len(dataset))))
             capture.clear()
             model(**{k: v.to(device) for k, v in batch.items()})
+            outputs = {name: out for call in capture.sample_calls() for name, out in call.outputs.items()}
             for name in layers:
-                out = capture.outputs[name]
+                out = outputs[name]
                 stats[name].update(out.reshape(out.shape[0], -1))
     finally:
         capture.mode = "off"

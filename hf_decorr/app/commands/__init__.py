@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from ...version import __version__
 from ..parser import RecipeError
 from .ablate import add_arguments as _ablate_arguments
 from .ablate import run as _ablate
@@ -52,8 +53,6 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="See what the covariance penalty did: inspect, compare and ablate the "
                      "layers of Hugging Face models.")
-    from ... import __version__
-
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (add_arguments, _, help_text) in COMMANDS.items():

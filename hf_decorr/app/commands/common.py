@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...capture import HiddenStateCapture, resolve_layers
+from ...capture import HiddenStateCapture, modules_by_name, resolve_layers
 from ...metrics import CovarianceAccumulator, decorrelation_metrics
 from ...pooling import POOLINGS, mask_from_inputs, pool_hidden
+from ...samples import assemble_samples, call_samples
 from ..data import load_text_datasets, require_columns
 from ..models import load_pretrained_config, load_tokenizer, resolve_model_path
 from ..parser import RecipeError, one_line
@@ -294,49 +295,52 @@ def tokenized_batches(
 class LayerSamples:
     """Forward hooks on named modules of a model, giving each batch's valid samples per layer.
 
-    Use as a context manager: the hooks exist inside the ``with`` block only. ``samples(inputs)``
-    runs the model on ``inputs`` and returns ``{layer: (n_valid, p)}`` (pooled with ``pooling``,
-    the rows outside the attention mask removed) and the model's output.
+    Use as a context manager. ``samples(inputs)`` runs the model on ``inputs`` with the hooks of
+    :class:`~hf_decorr.capture.HiddenStateCapture` attached, and returns ``{layer: (n_valid, p)}``
+    (each forward call's outputs pooled with ``pooling`` and its own mask, the rows outside the
+    attention mask removed, by :func:`hf_decorr.samples.call_samples`, as the trainer does) and the
+    model's output.
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], pooling: str) -> None:
-        modules = dict(model.named_modules())
+        modules = modules_by_name(model)
         self.model = model
         self.names = list(names)
         self.pooling = pooling
-        self.capture = HiddenStateCapture({name: modules[name] for name in self.names})
+        self.capture = HiddenStateCapture({name: modules[name] for name in self.names}, root=model)
 
     def __enter__(self) -> LayerSamples:
-        self.capture.attach()
-        self.capture.mode = "eval"
         return self
 
     def __exit__(self, *exc) -> None:
-        self.capture.mode = "off"
         self.capture.detach()
+
+    def _pool(self, name: str, hidden: torch.Tensor, inputs: Mapping[str, Any]):
+        try:
+            return pool_hidden(hidden, mask_from_inputs(inputs), self.pooling, name)
+        except ValueError as err:
+            raise RecipeError(one_line(err, 400).replace("decorr_pooling", "--pooling")
+                              .replace("decorr_layers", "--layers")) from None
 
     @torch.no_grad()
     def samples(self, inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
-        self.capture.clear()
-        try:
-            output = self.model(**inputs)
-        except TypeError as err:  # a tokenizer output the model does not accept
-            raise RecipeError(f"the model does not accept the tokenizer's inputs: {one_line(err)}") from None
-        mask = mask_from_inputs(inputs)
-        out = {}
-        for name in self.names:
-            hidden = self.capture.outputs.get(name)
-            if hidden is None:
-                raise RecipeError(f"--layers: module {name!r} did not run in the model's forward pass")
+        with self.capture.recording("eval"):
             try:
-                x, valid = pool_hidden(hidden, mask, self.pooling, name)
-            except ValueError as err:
-                raise RecipeError(one_line(err, 400).replace("decorr_pooling", "--pooling")
-                                  .replace("decorr_layers", "--layers")) from None
-            if valid is not None:
-                x = x.index_select(0, valid.nonzero().squeeze(-1))
-            out[name] = x
-        self.capture.clear()
+                output = self.model(**inputs)
+            except TypeError as err:  # a tokenizer output the model does not accept
+                raise RecipeError(f"the model does not accept the tokenizer's inputs: {one_line(err)}") from None
+        try:
+            calls = self.capture.sample_calls()
+            missing = [name for name in self.names if not any(name in call.outputs for call in calls)]
+            if missing:
+                raise RecipeError(f"--layers: module {missing[0]!r} did not run in the model's forward pass")
+            parts = call_samples(calls, inputs, self.names, self._pool, pooling=self.pooling, strict=True)
+        finally:
+            self.capture.clear()
+        out = {}
+        for sample in assemble_samples(parts, decoder_side={}, pooled_rows_bound=None):
+            valid = sample.mask
+            out[sample.layer] = sample.x if valid is None else sample.x.index_select(0, valid.nonzero().squeeze(-1))
         return out, output
 
 
