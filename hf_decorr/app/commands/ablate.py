@@ -39,9 +39,9 @@ from .common import (
     add_run_arguments,
     check_figures,
     check_output_dir,
-    layer_metrics,
     load_model,
     load_texts,
+    metrics_row,
     quiet_transformers,
     resolve_model_layers,
     short_name,
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 correct += int((output.logits.argmax(dim=-1).cpu() == labels[batch_rows]).sum())
         if acc.empty or float(acc.count) < 2:
             raise RecipeError(f"layer {layer!r} got fewer than 2 samples")
-        metrics = layer_metrics(acc)
+        metrics = metrics_row(acc)
         variance = torch.diagonal(acc.covariance()).cpu()
         mean = (acc.sum / acc.count).cpu()
         runs.append({"name": name, "model": model.spec, "layer": layer, "width": int(variance.numel()),

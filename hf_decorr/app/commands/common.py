@@ -50,7 +50,7 @@ __all__ = [
     "resolve_model_layers",
     "tokenized_batches",
     "LayerSamples",
-    "layer_metrics",
+    "metrics_row",
     "short_name",
     "check_output_dir",
     "check_figures",
@@ -377,8 +377,10 @@ class PairedStatistics:
         return float(torch.linalg.matrix_norm(syx) ** 2) / denominator
 
 
-def layer_metrics(acc: CovarianceAccumulator) -> dict[str, float]:
-    """The paper's metrics of one layer (``decorrelation_metrics`` with the trainer's defaults)."""
+def metrics_row(acc: CovarianceAccumulator) -> dict[str, float]:
+    """One layer's row of the commands' tables: the paper's metrics of the float64 statistics ``acc``
+    (``decorrelation_metrics`` with the trainer's defaults). Not :func:`hf_decorr.app.reporting.layer_metrics`,
+    which picks a recipe's per-layer values out of ``trainer.evaluate()`` metrics."""
     return decorrelation_metrics(acc.covariance(), samples=float(acc.count))
 
 

@@ -41,9 +41,9 @@ from .common import (
     add_run_arguments,
     check_figures,
     check_output_dir,
-    layer_metrics,
     load_model,
     load_texts,
+    metrics_row,
     quiet_transformers,
     resolve_model_layers,
     short_name,
@@ -88,7 +88,7 @@ def layer_records(stats: Mapping[str, CovarianceAccumulator]) -> list[dict[str, 
     for i, (name, acc) in enumerate(stats.items()):
         if acc.empty or float(acc.count) < 2:
             raise ValueError(f"layer {name!r} got {0 if acc.empty else int(acc.count)} sample(s); at least 2 needed")
-        records.append({"index": i, "layer": name, "width": int(acc.width), **layer_metrics(acc)})
+        records.append({"index": i, "layer": name, "width": int(acc.width), **metrics_row(acc)})
     return records
 
 
