@@ -7,12 +7,21 @@ and that nothing is written. Case 8: the message for an unregistered ``decorr_pe
 
 from __future__ import annotations
 
+import json
+import os
+import random
 import re
+import subprocess
+import sys
 
 import pytest
+from tiny_models import tiny_bert, tiny_word_tokenizer
 from transformers import HfArgumentParser
 
 from hf_decorr import DecorrConfig, DecorrTrainingArguments
+from hf_decorr.app.commands import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 REGISTER_HINT = "must be registered with hf_decorr.register_penalty before the config is built or parsed"
 
@@ -37,3 +46,110 @@ def test_case8_unregistered_penalty_in_a_yaml_file_says_to_register_it(tmp_path)
                     "decorr_penalty: my_custom_penalty\n")
     with pytest.raises(ValueError, match=re.escape(REGISTER_HINT)):
         HfArgumentParser(DecorrTrainingArguments).parse_yaml_file(str(path))
+
+
+# ---- shared: a tiny classifier with its tokenizer, data, and the one-line error check ---------------
+
+
+def _write_tsv(path, texts) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("sentence\tlabel\n")
+        for i, text in enumerate(texts):
+            f.write(f"{text}\t{i % 2}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny BERT classifier saved with and without its word tokenizer, and a data file of 20 texts."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_bert(layers=2, seed=1)
+    with_tokenizer, without = root / "model", root / "no_tokenizer"
+    model.save_pretrained(with_tokenizer)
+    model.save_pretrained(without)
+    tokenizer = tiny_word_tokenizer()
+    tokenizer.save_pretrained(with_tokenizer)
+    tokenizer_only = root / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_only)
+    rng = random.Random(0)
+    texts = [" ".join(f"w{rng.randrange(60)}" for _ in range(rng.randint(2, 9))) for _ in range(20)]
+    return {"model": str(with_tokenizer), "no_tokenizer": str(without), "tokenizer": str(tokenizer_only),
+            "data": _write_tsv(root / "data.tsv", texts), "root": root}
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line_error(code, err, *fragments, status=1) -> str:
+    assert code == status, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("hf-decorr: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)
+    return lines[0]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
+
+
+# ---- case 5: the output folder is checked before any model is loaded ---------------------------------
+
+
+def _bad_output_dirs(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    return [
+        ("", ["--output_dir=''", "is empty"]),
+        (str(a_file), ["--output_dir=", "is a file, not a folder"]),
+        (str(a_file / "x"), ["--output_dir=", f"{a_file} is a file, so the folder cannot be created"]),
+        ("/sys/x", ["--output_dir='/sys/x' cannot be written: /sys"]),
+        ("/proc/hf_decorr_test/out", ["--output_dir='/proc/hf_decorr_test/out' cannot be written: /proc"]),
+    ]
+
+
+@pytest.mark.parametrize("command", ["inspect", "compare", "ablate"])
+def test_case5_unusable_output_dir_is_one_line_before_any_model_is_loaded(tiny, tmp_path, capsys, monkeypatch,
+                                                                         command):
+    monkeypatch.chdir(tmp_path)
+    from hf_decorr.app.commands import common
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output folder was checked")
+
+    for name in ("inspect", "compare", "ablate"):
+        monkeypatch.setattr(f"hf_decorr.app.commands.{name}.load_model", no_loading)
+    monkeypatch.setattr(common, "load_model", no_loading)
+    models = {"inspect": [tiny["model"]], "compare": [tiny["model"], tiny["model"]],
+              "ablate": [tiny["model"], "--layer", "-1"]}[command]
+    for output_dir, fragments in _bad_output_dirs(tmp_path):
+        before = sorted(os.listdir(tmp_path))
+        code, out, err = _run([command, *models, "--data", tiny["data"], "--no_figures", "--output_dir", output_dir],
+                              capsys)
+        _one_line_error(code, err, *fragments)
+        assert out == ""
+        assert sorted(os.listdir(tmp_path)) == before, output_dir  # no staging / old folders left behind
+
+
+def test_case5_empty_output_dir_as_a_subprocess_leaves_no_debris(tiny, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "hf_decorr", "inspect", tiny["model"], "--data", tiny["data"],
+                           "--no_figures", "--output_dir", ""], capture_output=True, text=True, env=_env(),
+                          cwd=tmp_path, timeout=300)
+    _one_line_error(done.returncode, done.stderr, "--output_dir=''", "is empty")
+    assert os.listdir(tmp_path) == []
+
+
+def test_case5_a_good_output_dir_is_still_written_and_replaced(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the second run replaces the first output
+        code, out, err = _run(["inspect", tiny["model"], "--data", tiny["data"], "--no_figures", "--output_dir",
+                               "out/inspect"], capsys)
+        assert code == 0, err
+        assert "wrote out/inspect" in out
+    assert json.loads((tmp_path / "out" / "inspect" / "report.json").read_text())["texts"] == 20
+    assert sorted(os.listdir(tmp_path / "out")) == ["inspect"]

@@ -37,8 +37,8 @@ from .common import (
     LoadedModel,
     add_data_arguments,
     add_run_arguments,
+    check_command_output,
     check_figures,
-    check_output_dir,
     load_model,
     load_texts,
     metrics_row,
@@ -134,7 +134,7 @@ def default_grid(width: int, extra: Sequence[int]) -> list[int]:
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     started = time.perf_counter()
-    check_output_dir(args.output_dir, ABLATION_NAME)
+    check_command_output(args.output_dir, ABLATION_NAME)
     figures = check_figures(args.no_figures)
     if args.names and len(args.names) != len(args.models):
         raise RecipeError(f"--names gives {len(args.names)} names for {len(args.models)} models")

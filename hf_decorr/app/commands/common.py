@@ -36,6 +36,7 @@ from ...pooling import POOLINGS, mask_from_inputs, pool_hidden
 from ..data import load_text_datasets, require_columns
 from ..models import load_pretrained_config, load_tokenizer, resolve_model_path
 from ..parser import RecipeError, one_line
+from ..workspace import check_output_dir
 
 __all__ = [
     "PROG",
@@ -52,7 +53,7 @@ __all__ = [
     "LayerSamples",
     "metrics_row",
     "short_name",
-    "check_output_dir",
+    "check_command_output",
     "check_figures",
 ]
 
@@ -387,10 +388,12 @@ def metrics_row(acc: CovarianceAccumulator) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------- outputs
 
 
-def check_output_dir(path: str, marker: str) -> None:
-    """Refuse to replace a folder that is not an earlier output of this command (``marker`` missing)."""
-    if os.path.isfile(path):
-        raise RecipeError(f"--output_dir {path}: is a file")
+def check_command_output(path: str, marker: str) -> None:
+    """Before any model is loaded: ``--output_dir`` must be a folder that can be written (the recipes'
+    :func:`hf_decorr.app.workspace.check_output_dir`: not empty, not a file, not under a file, its
+    nearest existing folder writable), and an existing folder is replaced only if it is an earlier
+    output of this command (it holds ``marker``)."""
+    check_output_dir(path, option="--output_dir")
     if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
         raise RecipeError(f"--output_dir {path}: the folder exists and is not an earlier {PROG} output (no {marker});"
                           " choose another folder or remove it")

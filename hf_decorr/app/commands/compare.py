@@ -31,8 +31,8 @@ from .common import (
     PairedStatistics,
     add_data_arguments,
     add_run_arguments,
+    check_command_output,
     check_figures,
-    check_output_dir,
     load_model,
     load_texts,
     quiet_transformers,
@@ -141,7 +141,7 @@ def _labels(args: argparse.Namespace) -> tuple[str, str]:
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     started = time.perf_counter()
-    check_output_dir(args.output_dir, COMPARE_NAME)
+    check_command_output(args.output_dir, COMPARE_NAME)
     figures = check_figures(args.no_figures)
     label_a, label_b = _labels(args)
     folders = _is_inspect_output(args.a), _is_inspect_output(args.b)

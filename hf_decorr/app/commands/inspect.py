@@ -39,8 +39,8 @@ from .common import (
     LoadedModel,
     add_data_arguments,
     add_run_arguments,
+    check_command_output,
     check_figures,
-    check_output_dir,
     load_model,
     load_texts,
     metrics_row,
@@ -229,7 +229,7 @@ def draw_figures(folder: str, sets: Sequence[LayerSet], cka: Sequence[float] | N
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.process_time()
-    check_output_dir(args.output_dir, REPORT_NAME)
+    check_command_output(args.output_dir, REPORT_NAME)
     figures = check_figures(args.no_figures)
     with quiet_transformers():
         loaded = load_model(args.model, "MODEL", args.device)
