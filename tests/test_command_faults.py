@@ -153,3 +153,83 @@ def test_case5_a_good_output_dir_is_still_written_and_replaced(tiny, tmp_path, c
         assert "wrote out/inspect" in out
     assert json.loads((tmp_path / "out" / "inspect" / "report.json").read_text())["texts"] == 20
     assert sorted(os.listdir(tmp_path / "out")) == ["inspect"]
+
+
+# ---- case 6: --max_length, blank texts, a device the machine lacks ------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1", "0", "-3", "two"])
+@pytest.mark.parametrize("command", ["inspect", "compare", "ablate"])
+def test_case6_max_length_below_two_is_refused_at_parse_time(tiny, tmp_path, capsys, command, value):
+    models = {"inspect": ["no/such-model"], "compare": ["no/such-a", "no/such-b"],
+              "ablate": ["no/such-model", "--layer", "-1"]}[command]  # parse errors come before any loading
+    code, _, err = _run([command, *models, "--data", tiny["data"], "--max_length", value, "--output_dir",
+                         tmp_path / "o"], capsys)
+    _one_line_error(code, err, "--max_length", f"max_length={value} must be an integer of at least 2", status=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_case6_max_length_two_is_accepted_and_reported(tiny, tmp_path, capsys):
+    code, _, err = _run(["inspect", tiny["model"], "--data", tiny["data"], "--max_length", "2", "--no_figures",
+                         "--output_dir", tmp_path / "o"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["max_length"] == 2 and report["layers"][0]["samples"] == 2 * 20  # 2 tokens of each of 20 texts
+
+
+@pytest.mark.parametrize("command", ["inspect", "compare", "ablate"])
+def test_case6_blank_texts_are_refused_with_a_count_as_the_recipes_do(tiny, tmp_path, capsys, command):
+    data = _write_tsv(tmp_path / "blank.tsv", ["w1 w2", "", "w3", "   ", "w4 w5 w6", " \u3000 "])
+    models = {"inspect": [tiny["model"]], "compare": [tiny["model"], tiny["model"]],
+              "ablate": [tiny["model"], "--layer", "-1"]}[command]
+    code, _, err = _run([command, *models, "--data", data, "--no_figures", "--output_dir", tmp_path / "o"], capsys)
+    _one_line_error(code, err, f"--data {data}", "--text_column 'sentence'",
+                    "3 of the 6 rows of the data are missing or empty (rows 1, 3, 5); remove or fill them")
+    assert not (tmp_path / "o").exists()
+    # the recipes' rule and words (hf_decorr.app.datacheck.refuse_missing_texts)
+    from datasets import Dataset
+
+    from hf_decorr.app.datacheck import refuse_missing_texts
+    from hf_decorr.app.parser import RecipeError
+
+    texts = Dataset.from_dict({"s": ["w1 w2", "", "w3", "   ", "w4 w5 w6", " \u3000 "]})
+    recipes_words = r"3 of the 6 rows of the 'train' split are missing or empty \(rows 1, 3, 5\)"
+    with pytest.raises(RecipeError, match=recipes_words):
+        refuse_missing_texts({"train": texts}, {"text_column": "s"})
+
+
+def test_case6_blank_texts_beyond_max_samples_are_not_used_so_not_refused(tiny, tmp_path, capsys):
+    data = _write_tsv(tmp_path / "blank_tail.tsv", ["w1 w2", "w3 w4", "w5", ""])
+    code, _, err = _run(["inspect", tiny["model"], "--data", data, "--max_samples", "3", "--no_figures",
+                         "--output_dir", tmp_path / "o"], capsys)
+    assert code == 0, err
+
+
+def test_case6_cuda_without_cuda_is_one_line_with_the_choices(tiny, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None:
+        monkeypatch.setattr(mps, "is_available", lambda: False)
+    for device, what in (("cuda", "CUDA"), ("cuda:1", "CUDA"), ("mps", "MPS")):
+        for command, models in (("inspect", [tiny["model"]]), ("compare", [tiny["model"], tiny["model"]]),
+                                ("ablate", [tiny["model"], "--layer", "-1"])):
+            code, _, err = _run([command, *models, "--data", tiny["data"], "--device", device, "--no_figures",
+                                 "--output_dir", tmp_path / "o"], capsys)
+            _one_line_error(code, err, f"--device {device!r}", f"{what} ", "is not available on this machine",
+                            "choose one of auto, cpu")
+            assert not (tmp_path / "o").exists()
+    code, _, err = _run(["inspect", tiny["model"], "--data", tiny["data"], "--device", "gpu", "--no_figures",
+                         "--output_dir", tmp_path / "o"], capsys)
+    _one_line_error(code, err, "--device 'gpu'", "choose one of auto, cpu, cuda, cuda:N, mps")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_case6_cuda_without_cuda_as_a_subprocess(tiny, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "hf_decorr", "inspect", tiny["model"], "--data", tiny["data"],
+                           "--device", "cuda", "--output_dir", str(tmp_path / "o")], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    _one_line_error(done.returncode, done.stderr, "--device 'cuda': CUDA is not available on this machine",
+                    "choose one of auto, cpu")
+    assert "AssertionError" not in done.stderr and not (tmp_path / "o").exists()

@@ -34,6 +34,7 @@ from ...capture import HiddenStateCapture, resolve_layers
 from ...metrics import CovarianceAccumulator, decorrelation_metrics
 from ...pooling import POOLINGS, mask_from_inputs, pool_hidden
 from ..data import load_text_datasets, require_columns
+from ..datacheck import refuse_missing_texts
 from ..models import load_pretrained_config, load_tokenizer, resolve_model_path
 from ..parser import RecipeError, one_line
 from ..workspace import check_output_dir
@@ -71,6 +72,7 @@ METRIC_COLUMNS = (
 #: those of largest variance
 MAX_HEATMAP_UNITS = 512
 TEXT_COLUMN_GUESSES = ("text", "sentence")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"  # what --device takes
 
 
 # --------------------------------------------------------------------------------------------- flags
@@ -87,7 +89,20 @@ def add_data_arguments(parser: argparse.ArgumentParser, labels: bool = False) ->
     if labels:
         group.add_argument("--label_column", default="label", help="column with the label (default: label)")
     group.add_argument("--max_samples", type=int, help="use only the first N rows")
-    group.add_argument("--max_length", type=int, default=128, help="truncate texts to N tokens (default: 128)")
+    group.add_argument("--max_length", type=_max_length, default=128,
+                       help="truncate texts to N tokens, special tokens included; at least 2 (default: 128)")
+
+
+def _max_length(text: str) -> int:
+    """``--max_length``: an integer of at least 2, as the recipes require (refused at parse time, status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 2:
+        raise argparse.ArgumentTypeError(f"max_length={text} must be an integer of at least 2 (tokens per input, "
+                                         "special tokens included)")
+    return value
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, pooling_default: str = "tokens") -> None:
@@ -97,16 +112,48 @@ def add_run_arguments(parser: argparse.ArgumentParser, pooling_default: str = "t
         help="what a sample is: every non-padding token, or one per text (mean / first / last token)",
     )
     parser.add_argument("--batch_size", type=int, default=32, help="texts per forward pass (default: 32)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default: cuda if available)")
+
+
+def _devices_here() -> str:
+    """The ``--device`` values this machine can run, e.g. ``auto, cpu`` or ``auto, cpu, cuda, cuda:0, cuda:1``."""
+    found = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return ", ".join(found)
 
 
 def _device(name: str) -> torch.device:
+    """``--device`` as a torch device that exists on this machine; else one :class:`RecipeError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
-        raise RecipeError(f"--device {name!r}: {one_line(err)}") from None
+        raise RecipeError(f"--device {name!r}: {one_line(err)}; choose one of {DEVICE_CHOICES}") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        what = "CUDA"
+        available = torch.cuda.is_available()
+        if available and device.index is not None and device.index >= torch.cuda.device_count():
+            raise RecipeError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                              f"choose one of {_devices_here()}")
+    elif device.type == "mps":
+        what = "MPS (Apple GPU)"
+        mps = getattr(torch.backends, "mps", None)
+        available = mps is not None and mps.is_available()
+    else:  # xpu and other torch backends with is_available(); meta holds no data
+        what = device.type
+        check = getattr(getattr(torch, device.type, None), "is_available", None)
+        available = device.type != "meta" and callable(check) and bool(check())
+    if not available:
+        raise RecipeError(f"--device {name!r}: {what} is not available on this machine; choose one of "
+                          f"{_devices_here()}")
+    return device
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -133,6 +180,7 @@ def load_model(spec: str, option: str, device: str = "auto", sequence_classifier
     """
     import transformers
 
+    dev = _device(device)  # before any loading: a device this machine lacks is one line, not a traceback
     config = load_pretrained_config(spec, option=option)
     path = resolve_model_path(spec, option)
     if getattr(config, "is_encoder_decoder", False):
@@ -160,7 +208,6 @@ def load_model(spec: str, option: str, device: str = "auto", sequence_classifier
         if tokenizer.eos_token is None:
             raise RecipeError(f"{option}={spec!r}: the tokenizer has neither a padding nor an end-of-text token")
         tokenizer.pad_token = tokenizer.eos_token
-    dev = _device(device)
     model.to(dev).eval()
     return LoadedModel(spec, path, model, tokenizer, dev)
 
@@ -193,8 +240,9 @@ def load_texts(args: argparse.Namespace, label_column: str | None = None):
     """The rows to run (a ``datasets.Dataset``) and the text column's name."""
     if args.max_samples is not None and args.max_samples < 1:
         raise RecipeError(f"--max_samples must be >= 1, got {args.max_samples}")
-    if args.max_length < 1:
-        raise RecipeError(f"--max_length must be >= 1, got {args.max_length}")
+    if args.max_length < 2:
+        raise RecipeError(f"--max_length={args.max_length} must be an integer of at least 2 (tokens per input, "
+                          "special tokens included)")
     if args.data and args.dataset_name:
         raise RecipeError("give either --data FILE or --dataset_name NAME, not both")
     if args.data:
@@ -235,6 +283,11 @@ def load_texts(args: argparse.Namespace, label_column: str | None = None):
         raise RecipeError(f"{source}: the data set is empty (0 rows)")
     if args.max_samples is not None:
         rows = rows.select(range(min(args.max_samples, len(rows))))
+    try:  # blank texts would be counted as samples (their special tokens): refused, as the recipes do
+        refuse_missing_texts({"data": rows}, {"--text_column": text_column})
+    except RecipeError as err:
+        raise RecipeError(f"{source}: " + str(err).replace("=", " ", 1).replace("of the 'data' split", "of the data"))\
+            from None
     return rows, text_column
 
 
