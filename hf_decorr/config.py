@@ -224,7 +224,10 @@ class DecorrConfig:
             ("decorr_precision", self.decorr_precision, list(PRECISIONS)),
         ):
             if value not in choices:
-                raise ValueError(f"{name}={value!r} is not valid; choose one of {choices}")
+                hint = ("; a custom penalty must be registered with hf_decorr.register_penalty before the config is "
+                        "built or parsed (e.g. import the module that registers it first)"
+                        if name == "decorr_penalty" else "")
+                raise ValueError(f"{name}={value!r} is not valid; choose one of {choices}{hint}")
         if isinstance(self.decorr_warmup_steps, bool) or not isinstance(self.decorr_warmup_steps, int):
             raise ValueError(f"decorr_warmup_steps must be an integer >= 0, got {self.decorr_warmup_steps!r}")
         if self.decorr_warmup_steps < 0:

@@ -56,30 +56,33 @@ def parse_resume(value: str | bool | None) -> bool | str | None:
     return path
 
 
-def check_output_dir(output_dir: str) -> None:
+def check_output_dir(output_dir: str, option: str = "output_dir") -> None:
     """One :class:`RecipeError` when ``output_dir`` (or the folder beside it) cannot hold the output.
 
-    Checked before any data is read: ``output_dir`` is an existing file, or it or the nearest
-    existing folder above it cannot be written (the output is staged beside ``output_dir``); the
-    check creates and removes an empty folder there.
+    Checked before any data is read or model loaded: ``output_dir`` is empty, an existing file,
+    under a file, or it or the nearest existing folder above it cannot be written (the output is
+    staged beside ``output_dir``); the check creates and removes an empty folder there.
+    ``option`` names the setting in the message (``output_dir`` for the recipes, ``--output_dir``
+    for the ``hf-decorr`` commands).
     """
     if not output_dir:
-        raise RecipeError("output_dir is required")
+        raise RecipeError(f"{option} is required" if output_dir is None else
+                          f"{option}={output_dir!r} is empty; give the folder for the output")
     path = os.path.abspath(os.path.expanduser(output_dir))
     if os.path.exists(path) and not os.path.isdir(path):
-        raise RecipeError(f"output_dir={output_dir!r} is a file, not a folder; choose another output_dir")
+        raise RecipeError(f"{option}={output_dir!r} is a file, not a folder; choose another {option}")
     parent = os.path.dirname(path.rstrip(os.sep)) or os.sep
     probe = parent
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise RecipeError(f"output_dir={output_dir!r}: {probe} is a file, so the folder cannot be created")
+        raise RecipeError(f"{option}={output_dir!r}: {probe} is a file, so the folder cannot be created")
     for folder in (probe, path) if os.path.isdir(path) and path != probe else (probe,):
         try:  # a real write, so that read-only file systems are found for root too
             os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".hf_decorr-write-test-"))
         except OSError as err:
             raise RecipeError(
-                f"output_dir={output_dir!r} cannot be written: {folder}: {err.strerror or err}"
+                f"{option}={output_dir!r} cannot be written: {folder}: {err.strerror or err}"
             ) from None
 
 

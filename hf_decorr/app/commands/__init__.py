@@ -5,9 +5,10 @@
     hf-decorr ablate MODEL [MODEL ...] --data FILE --layer L --output_dir DIR
                                                               accuracy with only the top-k units of L kept
 
-Bad input (an unknown model, a missing column, a layer spec that matches nothing, an empty
-data set, a missing matplotlib) ends with one line ``hf-decorr: error: …`` and a non-zero exit
-status: 2 for a bad command line, 1 for everything found later. ``HF_DECORR_DEBUG=1`` shows the
+Bad input (an unknown model, a model folder without a tokenizer, a missing column, blank texts,
+a layer spec that matches nothing, an empty data set, an ``--output_dir`` that cannot be written,
+a ``--device`` this machine lacks, a missing matplotlib) ends with one line ``hf-decorr: error: …``
+and a non-zero exit status: 2 for a bad command line, 1 for everything found later. ``HF_DECORR_DEBUG=1`` shows the
 traceback instead.
 """
 

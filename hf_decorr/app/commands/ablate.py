@@ -37,15 +37,17 @@ from .common import (
     LoadedModel,
     add_data_arguments,
     add_run_arguments,
+    add_tokenizer_argument,
+    check_command_output,
     check_figures,
-    check_output_dir,
-    layer_metrics,
     load_model,
     load_texts,
+    metrics_row,
     quiet_transformers,
     resolve_model_layers,
     short_name,
     tokenized_batches,
+    tokenizers_for,
 )
 
 __all__ = ["add_arguments", "run", "replace_units", "ABLATION_NAME"]
@@ -62,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", nargs="+", type=int, metavar="K", help="units to keep (default: 1, 2, 4, … below the "
                         "width, the width, and each model's UD_90%%)")
     add_run_arguments(parser)
+    add_tokenizer_argument(parser, several=True)
     parser.add_argument("--names", nargs="+", metavar="NAME", help="labels of the models (default: folder names)")
     parser.add_argument("--output_dir", required=True, help="folder for ablation.md, ablation.json, ablation.png")
     parser.add_argument("--no_figures", action="store_true", help="write the tables only (no matplotlib needed)")
@@ -134,7 +137,7 @@ def default_grid(width: int, extra: Sequence[int]) -> list[int]:
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     started = time.perf_counter()
-    check_output_dir(args.output_dir, ABLATION_NAME)
+    check_command_output(args.output_dir, ABLATION_NAME)
     figures = check_figures(args.no_figures)
     if args.names and len(args.names) != len(args.models):
         raise RecipeError(f"--names gives {len(args.names)} names for {len(args.models)} models")
@@ -143,8 +146,10 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     names = args.names or [short_name(m) for m in args.models]
     if len(set(names)) != len(names):
         names = [f"{i}: {n}" for i, n in enumerate(names)]
+    tokenizers = tokenizers_for(args.tokenizer, len(args.models))
     with quiet_transformers():
-        loaded = [load_model(spec, "MODEL", args.device, sequence_classifier=True) for spec in args.models]
+        loaded = [load_model(spec, "MODEL", args.device, sequence_classifier=True, tokenizer=tokenizer)
+                  for spec, tokenizer in zip(args.models, tokenizers)]
     layers = []
     for model in loaded:
         found = resolve_model_layers(model, [args.layer], option="--layer")
@@ -168,7 +173,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 correct += int((output.logits.argmax(dim=-1).cpu() == labels[batch_rows]).sum())
         if acc.empty or float(acc.count) < 2:
             raise RecipeError(f"layer {layer!r} got fewer than 2 samples")
-        metrics = layer_metrics(acc)
+        metrics = metrics_row(acc)
         variance = torch.diagonal(acc.covariance()).cpu()
         mean = (acc.sum / acc.count).cpu()
         runs.append({"name": name, "model": model.spec, "layer": layer, "width": int(variance.numel()),

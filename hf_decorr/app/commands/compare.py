@@ -31,14 +31,16 @@ from .common import (
     PairedStatistics,
     add_data_arguments,
     add_run_arguments,
+    add_tokenizer_argument,
+    check_command_output,
     check_figures,
-    check_output_dir,
     load_model,
     load_texts,
     quiet_transformers,
     resolve_model_layers,
     short_name,
     tokenized_batches,
+    tokenizers_for,
 )
 from .inspect import REPORT_NAME, LayerSet, draw_figures, report_markdown
 
@@ -54,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", nargs="+", default=["all"], metavar="SPEC",
                         help="layers of both models to pair, in order (default: every block)")
     add_run_arguments(parser)
+    add_tokenizer_argument(parser, several=True)
     parser.add_argument("--names", nargs=2, metavar=("NAME_A", "NAME_B"), help="labels of A and B in tables and "
                         "figures (default: their folder names)")
     parser.add_argument("--output_dir", required=True, help="folder for compare.md, compare.json and the figures")
@@ -141,7 +144,7 @@ def _labels(args: argparse.Namespace) -> tuple[str, str]:
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     started = time.perf_counter()
-    check_output_dir(args.output_dir, COMPARE_NAME)
+    check_command_output(args.output_dir, COMPARE_NAME)
     figures = check_figures(args.no_figures)
     label_a, label_b = _labels(args)
     folders = _is_inspect_output(args.a), _is_inspect_output(args.b)
@@ -149,6 +152,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     report: dict[str, Any] = {"command": command, "notes": [], "figures": []}
     inspect_reports: dict[str, dict] = {}
     if all(folders) and not has_data:
+        if args.tokenizer:
+            raise RecipeError("--tokenizer: A and B are inspect outputs, which run no model; drop --tokenizer")
         sets = [LayerSet.from_folder(args.a, label_a), LayerSet.from_folder(args.b, label_b)]
         cka = None
         if len(sets[0].records) != len(sets[1].records):
@@ -173,9 +178,10 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         raise RecipeError("to compare two models give --data FILE (or --dataset_name); to compare two inspect "
                           "outputs give their folders")
     else:
+        tokenizer_a, tokenizer_b = tokenizers_for(args.tokenizer, 2)
         with quiet_transformers():
-            loaded_a = load_model(args.a, "A", args.device)
-            loaded_b = load_model(args.b, "B", args.device)
+            loaded_a = load_model(args.a, "A", args.device, tokenizer=tokenizer_a)
+            loaded_b = load_model(args.b, "B", args.device, tokenizer=tokenizer_b)
         names_a = resolve_model_layers(loaded_a, args.layers)
         names_b = resolve_model_layers(loaded_b, args.layers)
         if len(names_a) != len(names_b):

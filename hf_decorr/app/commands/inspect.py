@@ -39,11 +39,12 @@ from .common import (
     LoadedModel,
     add_data_arguments,
     add_run_arguments,
+    add_tokenizer_argument,
+    check_command_output,
     check_figures,
-    check_output_dir,
-    layer_metrics,
     load_model,
     load_texts,
+    metrics_row,
     quiet_transformers,
     resolve_model_layers,
     short_name,
@@ -65,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers: 'all' (every block, the default), 'last', indices ('0' '-1'), or module-name "
                              "globs ('encoder.layer.*.output')")
     add_run_arguments(parser)
+    add_tokenizer_argument(parser)
     parser.add_argument("--output_dir", required=True, help="folder for report.md, report.json and the figures")
     parser.add_argument("--no_figures", action="store_true", help="write the reports only (no matplotlib needed)")
 
@@ -88,7 +90,7 @@ def layer_records(stats: Mapping[str, CovarianceAccumulator]) -> list[dict[str, 
     for i, (name, acc) in enumerate(stats.items()):
         if acc.empty or float(acc.count) < 2:
             raise ValueError(f"layer {name!r} got {0 if acc.empty else int(acc.count)} sample(s); at least 2 needed")
-        records.append({"index": i, "layer": name, "width": int(acc.width), **layer_metrics(acc)})
+        records.append({"index": i, "layer": name, "width": int(acc.width), **metrics_row(acc)})
     return records
 
 
@@ -229,10 +231,10 @@ def draw_figures(folder: str, sets: Sequence[LayerSet], cka: Sequence[float] | N
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.process_time()
-    check_output_dir(args.output_dir, REPORT_NAME)
+    check_command_output(args.output_dir, REPORT_NAME)
     figures = check_figures(args.no_figures)
     with quiet_transformers():
-        loaded = load_model(args.model, "MODEL", args.device)
+        loaded = load_model(args.model, "MODEL", args.device, tokenizer=args.tokenizer)
     names = resolve_model_layers(loaded, args.layers)
     rows, text_column = load_texts(args)
     loaded_at = time.perf_counter()
