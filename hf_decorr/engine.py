@@ -168,17 +168,13 @@ class PenaltyEngine:
 
     # ---- what the penalty returns ---------------------------------------------------------------
 
-    def _check_value(self, value, lead: tuple, argument: str, depends: bool):
+    def _check_value(self, value, shape: torch.Size, argument: str, depends: bool):
+        lead = tuple(shape[:-2])
+        expected = f"shape {lead} (one value per {argument}) for an input of shape {tuple(shape)}"
         if not isinstance(value, torch.Tensor):
-            raise TypeError(
-                f"{self.source} must return a tensor of shape {lead} (one value per {argument}); got "
-                f"{type(value).__name__}"
-            )
+            raise TypeError(f"{self.source} must return a tensor of {expected}; got {type(value).__name__}")
         if tuple(value.shape) != lead:
-            raise ValueError(
-                f"{self.source} must return shape {lead} for {argument}s of shape {lead + ('…',)}; got "
-                f"{tuple(value.shape)}"
-            )
+            raise ValueError(f"{self.source} must return {expected}; got {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{self.source} must return a floating-point tensor; got {value.dtype}")
         if depends and torch.is_grad_enabled() and not value.requires_grad:
@@ -191,14 +187,12 @@ class PenaltyEngine:
 
     def _checked(self, fn):
         def checked(cov: torch.Tensor) -> torch.Tensor:
-            value = fn(cov)
-            return self._check_value(value, tuple(cov.shape[:-2]), "covariance (p, p)", cov.requires_grad)
+            return self._check_value(fn(cov), cov.shape, "covariance (p, p)", cov.requires_grad)
         return checked
 
     def _checked_samples_fn(self, fn):
         def checked(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-            value = fn(h, mask)
-            return self._check_value(value, tuple(h.shape[:-2]), "sample set (N, p)", h.requires_grad)
+            return self._check_value(fn(h, mask), h.shape, "sample set (N, p)", h.requires_grad)
         return checked
 
     # ---- the per-layer penalties ----------------------------------------------------------------

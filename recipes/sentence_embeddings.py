@@ -46,9 +46,10 @@ import numpy as np
 from hf_decorr.app.data import load_text_datasets, require_columns
 from hf_decorr.app.embedding_probe import accuracy_vs_k, label_pairs
 from hf_decorr.app.models import resolve_model_path
-from hf_decorr.app.outputs import write_json_atomic, write_text_atomic
+from hf_decorr.app.outputs import write_json_atomic
 from hf_decorr.app.parser import DecorrArgumentParser, RecipeError, one_line, run_recipe
 from hf_decorr.app.reporting import redacted_command
+from hf_decorr.atomic import write_text_atomic
 
 CONFIGS = ("baseline", "penalty", "matryoshka", "penalty_matryoshka")
 # config -> (Matryoshka loss, penalty, truncations scored)

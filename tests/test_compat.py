@@ -6,6 +6,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import REPO_ROOT
 from torch import nn
 
@@ -151,4 +152,111 @@ def test_assumption_sync_gradients_marks_the_last_micro_batch(tmp_path):
     assert marks == [False, False, True, False, False, True], (
         "the assumption of hf_decorr._compat.sync_gradients_now no longer holds: the installed transformers does not "
         "mark the last micro-batch of an optimizer step with accelerator.sync_gradients before training_step"
+    )
+
+
+# ---------------------------------------------------------------- upstream assumptions (docs/COMPATIBILITY.md)
+
+
+def _tiny_trainer(tmp_path, **kw):
+    from tiny_models import tiny_bert, token_dataset
+
+    from hf_decorr import DecorrTrainer, DecorrTrainingArguments
+
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, decorr_layers=["0"],
+                   report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    options.update(kw)
+    return DecorrTrainer(model=tiny_bert(), args=DecorrTrainingArguments(**options),
+                         train_dataset=token_dataset(8), eval_dataset=token_dataset(4))
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_assumption_training_step_divides_as_mirrored(tmp_path, monkeypatch, num_items):
+    """_compat.trainer_divides_loss mirrors training_step's rule for dividing by the accumulation steps."""
+    from tiny_models import tiny_bert, token_dataset
+    from transformers import Trainer, TrainingArguments
+
+    from hf_decorr._compat import trainer_divides_loss
+
+    trainer = Trainer(model=tiny_bert(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                      train_dataset=token_dataset(4))
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    trainer.current_gradient_accumulation_steps = 4
+    monkeypatch.setattr(Trainer, "compute_loss", lambda self, model, inputs, **kw: torch.tensor(8.0,
+                                                                                                requires_grad=True))
+    seen = []
+    monkeypatch.setattr(trainer.accelerator, "backward", lambda loss, **kw: seen.append(float(loss)))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    trainer.training_step(trainer.model, batch, num_items)
+    expected = 2.0 if trainer_divides_loss(trainer, num_items) else 8.0
+    assert seen == [expected], (
+        "the assumption of hf_decorr._compat.trainer_divides_loss no longer holds: training_step divided the loss "
+        f"differently ({seen}) from the mirrored rule ({expected})"
+    )
+
+
+def test_assumption_prediction_runs_the_model_in_eval_mode_without_grad(tmp_path, monkeypatch):
+    """compute_loss tells training from evaluation by model.training and torch.is_grad_enabled()."""
+    trainer = _tiny_trainer(tmp_path, decorr_weight=1.0)
+    states = []
+    original = type(trainer).compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        states.append((model.training, torch.is_grad_enabled()))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(type(trainer), "compute_loss", spy)
+    trainer.evaluate()
+    assert states and all(s == (False, False) for s in states), (
+        "the assumption of DecorrTrainerMixin.compute_loss no longer holds: prediction_step ran compute_loss "
+        f"with (model.training, grad enabled) = {states}"
+    )
+
+
+def test_assumption_checkpoints_are_written_through_save_model(tmp_path, monkeypatch):
+    """The divergence guard refuses checkpoints in save_model: Trainer's checkpoints must go through it."""
+    trainer = _tiny_trainer(tmp_path, decorr_weight=1.0, save_strategy="steps", save_steps=1)
+    calls = []
+    original = type(trainer).save_model
+
+    def spy(self, output_dir=None, _internal_call=False):
+        calls.append(os.path.basename(output_dir or ""))
+        return original(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(type(trainer), "save_model", spy)
+    trainer.train()
+    assert calls[:2] == ["checkpoint-1", "checkpoint-2"], (
+        "the assumption of DecorrTrainerMixin.save_model no longer holds: Trainer wrote checkpoints without "
+        f"save_model ({calls})"
+    )
+
+
+def test_assumption_flow_flags_are_set_before_the_divergence_callback(tmp_path):
+    """DivergenceCallback reads control.should_log/should_save in on_step_end: DefaultFlowCallback runs first."""
+    from transformers import TrainerCallback
+
+    from hf_decorr.monitor import DivergenceCallback
+
+    trainer = _tiny_trainer(tmp_path, decorr_weight=1.0, logging_steps=1)
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(control.should_log)
+
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("DefaultFlowCallback") < names.index(DivergenceCallback.__name__), (
+        f"the assumption of hf_decorr.monitor.DivergenceCallback no longer holds: callbacks run in the order {names}"
+    )
+    trainer.add_callback(Probe())
+    trainer.train()
+    assert seen == [True, True]
+
+
+def test_assumption_accelerator_names_its_loss_scaler():
+    """The guard tells fp16 loss scaling by accelerator.scaler (None without a GradScaler)."""
+    from accelerate import Accelerator
+
+    assert Accelerator(cpu=True).scaler is None, (
+        "the assumption of hf_decorr.trainer (accelerator.scaler marks fp16 loss scaling) no longer holds"
     )

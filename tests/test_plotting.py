@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from hf_decorr.app.outputs import write_json_atomic as write_json
 from hf_decorr.app.reporting import (
     aggregate,
     format_mean_std,
     markdown_table,
     mean_std,
-    staged_directory,
     to_jsonable,
-    write_json,
-    write_text,
 )
+from hf_decorr.atomic import staged_directory
+from hf_decorr.atomic import write_text_atomic as write_text
 from hf_decorr.metrics import CovarianceAccumulator, decorrelation_metrics
 from hf_decorr.plotting import (
     correlation_from_covariance,

@@ -1,8 +1,9 @@
-"""Complete-or-absent outputs for recipes: text and strict-JSON files, and whole folders.
+"""Complete-or-absent outputs for recipes and commands: strict-JSON files and whole folders.
 
-Thin wrappers over :mod:`hf_decorr.atomic` (the temporary-name-then-rename writes) that take
-and return string paths, and write JSON with :func:`hf_decorr.app.reporting.to_jsonable`
-(tensors and NumPy values become numbers, NaN / inf become ``null``) and sorted keys.
+Built on :mod:`hf_decorr.atomic` (the temporary-name-then-rename writes; text files go through
+:func:`hf_decorr.atomic.write_text_atomic` directly). JSON is written with
+:func:`hf_decorr.app.reporting.to_jsonable` (tensors and NumPy values become numbers, NaN / inf
+become ``null``) and sorted keys.
 """
 
 from __future__ import annotations
@@ -11,23 +12,17 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from ..atomic import staged_directory
-from ..atomic import write_text_atomic as _write_text_atomic
+from ..atomic import staged_directory, write_text_atomic
 from .reporting import to_jsonable
 
-__all__ = ["write_text_atomic", "write_json_atomic", "atomic_directory"]
+__all__ = ["write_json_atomic", "atomic_directory"]
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> str:
-    """Write ``text`` to ``path`` through a temporary file and a rename; returns ``path``."""
-    _write_text_atomic(path, text)
-    return os.fspath(path)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> str:
-    """Write ``data`` as indented, strict JSON (NaN → null, sorted keys) to ``path`` atomically."""
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented, strict JSON (NaN → null, sorted keys) to ``path`` atomically; returns the path."""
     return write_text_atomic(path, json.dumps(to_jsonable(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 

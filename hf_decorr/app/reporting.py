@@ -1,4 +1,4 @@
-"""Metric tables for recipes: mean ± std aggregation, Markdown and JSON writers, the baseline-vs-penalty comparison.
+"""Metric tables for recipes: mean ± std aggregation, Markdown and JSON values, the baseline-vs-penalty comparison.
 
 Nothing here knows about a particular experiment: a *record* is a flat ``dict`` of one run
 (settings such as ``penalty`` or ``weight`` and metrics such as ``mse`` or ``tdv``), and the
@@ -9,26 +9,20 @@ helpers group, aggregate and print lists of them.
   a value is not finite), one row per group of records with ``<metric>_mean``, ``<metric>_std``
   and ``n``.
 * :func:`markdown_table`, :func:`format_mean_std`: GitHub-flavoured Markdown.
-* :func:`write_json`, :func:`write_text`: atomic writes (a temporary file in the same folder,
-  then ``os.replace``), so a file is complete or absent. Non-finite floats become ``null`` in
-  JSON (strict JSON has no NaN).
-* :func:`staged_directory`: build a whole output folder under a temporary name and rename it
-  into place only when everything was written.
+* :func:`to_jsonable`: strict-JSON values (non-finite floats become ``null``); the files are
+  written by :func:`hf_decorr.app.outputs.write_json_atomic` and :func:`hf_decorr.atomic.write_text_atomic`.
 * :func:`layer_metrics`, :func:`comparison_markdown`, :func:`log_series` and
   :func:`redacted_command` build the recipes' comparison tables (baseline vs penalty).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..atomic import staged_directory, write_text_atomic
 from ..metrics import aggregate, mean_std
 
 __all__ = [
@@ -38,9 +32,6 @@ __all__ = [
     "format_mean_std",
     "markdown_table",
     "to_jsonable",
-    "write_json",
-    "write_text",
-    "staged_directory",
     "layer_metrics",
     "log_series",
     "redacted_command",
@@ -127,19 +118,6 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented, strict JSON (see :func:`to_jsonable`) atomically; returns the path."""
-    return write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) atomically; returns the path."""
-    return write_text_atomic(path, text)
-
-
-# ------------------------------------------------------------------------------ comparison tables
 
 
 def redacted_command(program: str, argv: Sequence[str]) -> str:

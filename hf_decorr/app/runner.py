@@ -24,10 +24,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ..atomic import write_text_atomic
 from ..capture import resolve_layers
 from .hub import push_final_model
 from .models import load_model_config_file, load_pretrained_config, load_tokenizer, resolve_model_path
-from .outputs import atomic_directory, write_json_atomic, write_text_atomic
+from .outputs import atomic_directory, write_json_atomic
 from .parser import RecipeError
 from .reporting import comparison_markdown, layer_metrics, log_series, redacted_command
 from .workspace import (

@@ -54,7 +54,9 @@ from paper_common import (  # noqa: E402
     training_arguments,
 )
 
-from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
+from hf_decorr.app.outputs import write_json_atomic  # noqa: E402
+from hf_decorr.app.reporting import aggregate, markdown_table  # noqa: E402
+from hf_decorr.atomic import staged_directory, write_text_atomic  # noqa: E402
 from hf_decorr.metrics import decorrelation_metrics  # noqa: E402
 from hf_decorr.models import LinearAutoencoder, LinearAutoencoderConfig  # noqa: E402
 from hf_decorr.penalties import PENALTIES  # noqa: E402
@@ -343,7 +345,7 @@ def check_claim(records: list[dict], args: DimensionalityArguments) -> dict:
 
 def write_report(out: str, args: DimensionalityArguments, records: list[dict], claim: dict, timing: dict) -> None:
     summary = aggregate(records, ["penalty", "weight"], list(METRICS))
-    write_json(
+    write_json_atomic(
         os.path.join(out, "results.json"),
         {
             "settings": asdict(args),
@@ -443,7 +445,7 @@ def write_report(out: str, args: DimensionalityArguments, records: list[dict], c
     lines.append(
         f"Time: {timing['wall_s']:.1f} s wall, {timing['cpu_s']:.1f} s CPU (user + sys) on {timing['cpus']} CPUs.\n"
     )
-    write_text(os.path.join(out, "results.md"), "\n".join(lines))
+    write_text_atomic(os.path.join(out, "results.md"), "\n".join(lines))
 
 
 def draw_figures(out: str, args: DimensionalityArguments, records: list[dict], claim: dict) -> None:

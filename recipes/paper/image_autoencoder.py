@@ -57,7 +57,9 @@ from paper_common import (  # noqa: E402
     training_arguments,
 )
 
-from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
+from hf_decorr.app.outputs import write_json_atomic  # noqa: E402
+from hf_decorr.app.reporting import aggregate, markdown_table  # noqa: E402
+from hf_decorr.atomic import staged_directory, write_text_atomic  # noqa: E402
 from hf_decorr.models import ConvAutoencoder, ConvAutoencoderConfig  # noqa: E402
 from hf_decorr.penalties import PENALTIES  # noqa: E402
 from hf_decorr.plotting import (  # noqa: E402
@@ -254,7 +256,7 @@ def write_report(out: str, args: ImageAutoencoderArguments, records: list[dict],
     table = [r for r in summary if r["penalty"] == "none" or r["weight"] == args.table_weight]
     order = {p: i for i, p in enumerate(["cov_l1", *args.penalties, "none"])}
     table.sort(key=lambda r: order.get(r["penalty"], 99))
-    write_json(
+    write_json_atomic(
         os.path.join(out, "results.json"),
         {
             "settings": asdict(args),
@@ -301,7 +303,7 @@ def write_report(out: str, args: ImageAutoencoderArguments, records: list[dict],
         markdown_table(label(summary), columns, fmt),
         f"\nTime: {timing['wall_s']:.1f} s wall, {timing['cpu_s']:.1f} s CPU (user + sys) on {timing['cpus']} CPUs.\n",
     ]
-    write_text(os.path.join(out, "results.md"), "\n".join(md))
+    write_text_atomic(os.path.join(out, "results.md"), "\n".join(md))
 
 
 def draw_figures(out: str, args: ImageAutoencoderArguments, records: list[dict]) -> None:

@@ -53,7 +53,9 @@ from paper_common import (  # noqa: E402
     training_arguments,
 )
 
-from hf_decorr.app.reporting import aggregate, markdown_table, staged_directory, write_json, write_text  # noqa: E402
+from hf_decorr.app.outputs import write_json_atomic  # noqa: E402
+from hf_decorr.app.reporting import aggregate, markdown_table  # noqa: E402
+from hf_decorr.atomic import staged_directory, write_text_atomic  # noqa: E402
 from hf_decorr.models import XorMLP, XorMLPConfig  # noqa: E402
 from hf_decorr.plotting import new_figure, plot_covariance, plot_spectra, save_figure  # noqa: E402
 
@@ -229,7 +231,7 @@ def write_report(out: str, args: XorArguments, records: list[dict], summary: dic
             "layer2_cvr",
         ],
     )
-    write_json(
+    write_json_atomic(
         os.path.join(out, "results.json"),
         {
             "settings": asdict(args),
@@ -336,7 +338,7 @@ def write_report(out: str, args: XorArguments, records: list[dict], summary: dic
         ),
         f"\nTime: {timing['wall_s']:.1f} s wall, {timing['cpu_s']:.1f} s CPU (user + sys) on {timing['cpus']} CPUs.\n",
     ]
-    write_text(os.path.join(out, "results.md"), "\n".join(md))
+    write_text_atomic(os.path.join(out, "results.md"), "\n".join(md))
 
 
 def draw_figures(out: str, args: XorArguments, records: list[dict]) -> None:
