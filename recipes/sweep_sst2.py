@@ -31,8 +31,9 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_decorr.app.outputs import write_json_atomic, write_text_atomic
+from hf_decorr.app.outputs import write_json_atomic
 from hf_decorr.app.reporting import layer_metrics
+from hf_decorr.atomic import write_text_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPE = os.path.join(HERE, "text_classification.py")
