@@ -23,7 +23,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Self
+from typing import Any, TypeVar
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
@@ -48,6 +48,9 @@ SYNC_MODES = ("global", "local")
 DEFAULT_DECORR_WEIGHT = 1.0
 # written into decorr_config.json by hf_decorr 0.1.0; ignored when reading
 _LEGACY_VERSION_KEY = "hf_decorr_version"
+
+#: the class :meth:`DecorrConfig.from_json` is called on (``typing.Self`` needs Python 3.11)
+_ConfigT = TypeVar("_ConfigT", bound="DecorrConfig")
 
 
 def check_base_order(cls: type, mixin: type, base: type, method: str) -> None:
@@ -252,7 +255,7 @@ class DecorrConfig:
         return {f.name: getattr(self, f.name) for f in fields(DecorrConfig)}
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike, **overrides: Any) -> Self:
+    def from_json(cls: type[_ConfigT], path: str | os.PathLike, **overrides: Any) -> _ConfigT:
         """Read the settings saved by :meth:`save_decorr_config` (a ``decorr_config.json`` or its folder).
 
         ``overrides`` are further constructor arguments (for a ``DecorrTrainingArguments``, e.g.
