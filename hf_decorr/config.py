@@ -43,14 +43,15 @@ __all__ = [
     "check_base_order",
 ]
 
-_C = TypeVar("_C", bound="DecorrConfig")
-
 DECORR_CONFIG_NAME = "decorr_config.json"
 SYNC_MODES = ("global", "local")
 # Chosen by measurement on pretrained MiniLM / SST-2: see README, "Choosing λ".
 DEFAULT_DECORR_WEIGHT = 1.0
 # written into decorr_config.json by hf_decorr 0.1.0; ignored when reading
 _LEGACY_VERSION_KEY = "hf_decorr_version"
+
+#: the class :meth:`DecorrConfig.from_json` is called on (``typing.Self`` needs Python 3.11)
+_ConfigT = TypeVar("_ConfigT", bound="DecorrConfig")
 
 
 def check_base_order(cls: type, mixin: type, base: type, method: str) -> None:
@@ -266,7 +267,7 @@ class DecorrConfig:
         return {f.name: getattr(self, f.name) for f in fields(DecorrConfig)}
 
     @classmethod
-    def from_json(cls: type[_C], path: str | os.PathLike, **overrides: Any) -> _C:
+    def from_json(cls: type[_ConfigT], path: str | os.PathLike, **overrides: Any) -> _ConfigT:
         """Read the settings saved by :meth:`save_decorr_config` (a ``decorr_config.json`` or its folder).
 
         ``overrides`` are further constructor arguments (for a ``DecorrTrainingArguments``, e.g.
