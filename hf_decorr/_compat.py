@@ -25,8 +25,8 @@ nothing on the others, so it can be deleted once the oldest supported version no
   set (5.19+), else ``(model_accepts_loss_kwargs and num_items_in_batch is not None) or
   compute_loss_func is not None``. The penalty must be divided exactly when the Trainer will not,
   so this mirrors that rule (read in transformers 5.24 / 5.25).
-* :func:`total_grad_norm` — ``torch.nn.utils.get_total_norm`` (one foreach pass) exists from torch
-  2.6; older versions take one norm per tensor.
+* :func:`total_grad_norm` — the gradient norm through ``torch.nn.utils.get_total_norm`` (one
+  foreach pass; torch 2.6+, the declared floor), float16 tensors measured in float32.
 """
 
 from __future__ import annotations
@@ -140,8 +140,7 @@ def total_grad_norm(tensors: list[Any]) -> Any:
     """``‖(g₁, …, g_n)‖₂`` as a 0-d float32 tensor on the first tensor's device, without a host sync.
 
     float16 tensors are measured in float32 (their own range ends at 65504, and a large but finite
-    norm is not a divergence); the others through ``torch.nn.utils.get_total_norm`` where the
-    installed torch has it (2.6+), else one norm per tensor.
+    norm is not a divergence); the others through ``torch.nn.utils.get_total_norm``.
     """
     import torch
 
@@ -150,11 +149,7 @@ def total_grad_norm(tensors: list[Any]) -> Any:
     rest = [t for t in tensors if t.dtype != torch.float16]
     norms = [torch.linalg.vector_norm(t, dtype=torch.float32).to(device) for t in half]
     if rest:
-        get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-        if get_total_norm is not None:
-            norms.append(get_total_norm(rest, norm_type=2.0).float().to(device))
-        else:
-            norms += [torch.linalg.vector_norm(t).float().to(device) for t in rest]
+        norms.append(torch.nn.utils.get_total_norm(rest, norm_type=2.0).float().to(device))
     return torch.linalg.vector_norm(torch.stack(norms))
 
 

@@ -119,9 +119,10 @@ def weights(folder):
 # ------------------------------------------------------------------ case 2: divergence through the recipe
 
 
-def test_case2_diverging_recipe_exits_nonzero_with_one_line_and_no_model(tiny_classifier, tsv_data, tmp_path):
+@pytest.mark.parametrize("clip", ["0", "1"])
+def test_case2_diverging_recipe_exits_nonzero_with_one_line_and_no_model(tiny_classifier, tsv_data, tmp_path, clip):
     out = tmp_path / "out"
-    proc = run(TC, tc_args(tiny_classifier, tsv_data, out, "--decorr_weight", "1e30", "--max_grad_norm", "0",
+    proc = run(TC, tc_args(tiny_classifier, tsv_data, out, "--decorr_weight", "1e30", "--max_grad_norm", clip,
                            "--learning_rate", "1e-3"))
     assert proc.returncode == 1
     line = one_error_line(proc)
