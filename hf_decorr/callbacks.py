@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .metrics import decorrelation_metrics
 
@@ -61,6 +61,9 @@ class DecorrFigureCallback(TrainerCallback):
         trainer: the :class:`~hf_decorr.trainer.DecorrTrainer` (or any trainer with the mixin)
             whose ``decorr_last_eval_covariances`` are drawn.
         max_units: the heat maps show at most this many units (those of largest variance).
+
+    Raises:
+        ImportError: matplotlib is not installed.
     """
 
     def __init__(self, trainer: Any, max_units: int = 256) -> None:
@@ -83,7 +86,27 @@ class DecorrFigureCallback(TrainerCallback):
                 wandb.append(callback._wandb)
         return tensorboard, wandb
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Log each penalised layer's two images at ``state.global_step`` (main process only).
+
+        Called by the Trainer after each evaluation. The image names take the evaluation's
+        ``metric_key_prefix`` (``eval``, ``test``, ...) from ``metrics``. Does nothing when the
+        evaluation kept no covariances or no TensorBoard / W&B writer is active.
+
+        Args:
+            args: the trainer's training arguments (unused).
+            state: the ``TrainerState``; gives the step and whether this is the main process.
+            control: the ``TrainerControl`` (unchanged).
+            metrics: the evaluation's metrics, used for the key prefix.
+            **kwargs: the Trainer's other callback arguments (unused).
+        """
         if not state.is_world_process_zero:
             return
         covariances = getattr(self.trainer, "decorr_last_eval_covariances", None) or {}

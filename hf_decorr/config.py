@@ -44,7 +44,9 @@ __all__ = [
 ]
 
 DECORR_CONFIG_NAME = "decorr_config.json"
+"""The file name of the decorr settings saved beside every checkpoint and final model."""
 SYNC_MODES = ("global", "local")
+"""The values of ``decorr_sync``."""
 # Chosen by measurement on pretrained MiniLM / SST-2: see README, "Choosing λ".
 DEFAULT_DECORR_WEIGHT = 1.0
 # written into decorr_config.json by hf_decorr 0.1.0; ignored when reading

@@ -64,10 +64,12 @@ class CovarianceAccumulator:
 
     @property
     def empty(self) -> bool:
+        """Whether no row has been added yet (no :meth:`update` or :meth:`merge_` with rows)."""
         return self.count is None
 
     @property
     def width(self) -> int | None:
+        """The number of units ``p`` of the rows added so far; ``None`` while :attr:`empty`."""
         return None if self.sum is None else self.sum.shape[-1]
 
     def update(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> None:

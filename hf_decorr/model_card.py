@@ -22,10 +22,10 @@ from .version import __version__
 __all__ = ["MODEL_TAG", "CARD_TAGS", "FORMULA", "decorr_model_card", "trainer_model_card", "write_model_card",
            "looks_like_hub_id", "pipeline_tag_of"]
 
-#: the Hub tag of every model trained with hf_decorr
 MODEL_TAG = "hf-decorr"
-#: the tags of a model card written by hf_decorr
+"""The Hub tag of every model trained with hf_decorr."""
 CARD_TAGS = (MODEL_TAG, "decorrelation", "covariance-penalty")
+"""The tags of a model card written by hf_decorr."""
 
 FORMULA = (
     "$$\\mathcal{L} = \\mathcal{L}_{\\text{task}} + \\lambda \\sum_{\\ell \\in \\text{layers}} "

@@ -3,13 +3,13 @@
 Needs sentence-transformers (``pip install "hf-decorr[sentence-transformers]"``)::
 
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from hf_decorr.sentence_transformers import (
         DecorrSentenceTransformerTrainer, DecorrSentenceTransformerTrainingArguments)
 
     model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
     args = DecorrSentenceTransformerTrainingArguments(
-        output_dir="out", decorr_weight=100.0, decorr_layers=["embedding"])
+        output_dir="out", decorr_weight=3e4, decorr_layers=["embedding"])
     trainer = DecorrSentenceTransformerTrainer(
         model=model, args=args, train_dataset=pairs, loss=MultipleNegativesRankingLoss(model))
     trainer.train()
@@ -33,6 +33,10 @@ sentence embedding, one ``(B, p)`` sample per text:
 * ``"pooled"``: the output of the ``Pooling`` module (before ``Dense`` / ``Normalize``).
 
 ``last`` (or ``-1``) penalises the token outputs of the transformer's last block instead.
+
+**λ.** L_Σ of a normalised 384-d embedding is small (about 3·10⁻⁴ on MiniLM, with a gradient about
+10⁻⁵ of the task loss's), so useful λ for ``"embedding"`` are large (10⁴–10⁵), unlike the
+token-level default of 1.
 
 **Outputs.** The model card written by sentence-transformers carries the ``hf-decorr`` tag and
 every ``decorr_*`` setting among its hyperparameters; ``decorr_config.json`` is saved beside
@@ -66,8 +70,9 @@ __all__ = [
     "resolve_sentence_transformer_layers",
 ]
 
-#: ``decorr_layers`` names of the sentence embedding (see the module docstring).
 EMBEDDING_SPECS = ("embedding", "pooled")
+"""The ``decorr_layers`` names of the sentence embedding: ``"embedding"`` (what ``encode`` returns) and
+``"pooled"`` (the ``Pooling`` module's output)."""
 
 
 @dataclass

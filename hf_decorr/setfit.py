@@ -40,11 +40,12 @@ from .trainer import DecorrTrainerMixin
 
 __all__ = ["DecorrSetFitEmbeddingTrainer", "decorr_setfit_trainer", "FOREIGN_TRAINER_HINT"]
 
-#: what the core's error says to a user who mixes DecorrTrainerMixin into setfit.Trainer
 FOREIGN_TRAINER_HINT = (
     "For SetFit, keep setfit.Trainer and call hf_decorr.setfit.decorr_setfit_trainer(trainer, decorr_weight=...), "
     "which makes its embedding phase (a sentence-transformers trainer) train with the penalty."
 )
+"""What the error says to a user who mixes ``DecorrTrainerMixin`` into ``setfit.Trainer``: use
+:func:`decorr_setfit_trainer` instead."""
 
 _DECORR_FIELDS = {f.name for f in dataclasses.fields(DecorrConfig)}
 
@@ -53,6 +54,10 @@ class DecorrSetFitEmbeddingTrainer(DecorrTrainerMixin, _setfit_trainer.BCSentenc
     """SetFit's inner sentence-transformers trainer (``BCSentenceTransformersTrainer``) with the penalty."""
 
     def decorr_resolve_layers(self, model):
+        """``decorr_layers`` resolved on SetFit's ``SentenceTransformer`` (``"embedding"``, ``"pooled"`` included).
+
+        Returns ``(names, output_keys)`` as :meth:`hf_decorr.DecorrTrainerMixin.decorr_resolve_layers`.
+        """
         return resolve_sentence_transformer_layers(model, list(self.args.decorr_layers))
 
 
