@@ -184,11 +184,11 @@ class DivergenceMonitor:
                 found += f" (and at {SCALER_PATIENCE} optimizer steps in a row under fp16 loss scaling)"
         else:
             found = f"the trained weights hold NaN or infinite values after optimizer step {step}"
+        clip = f"clip gradients with max_grad_norm > 0 (now {max_grad_norm:g}), " if not max_grad_norm > 0 else ""
         return DivergenceError(
             f"training diverged: {found} (detected at step {step}); nothing is saved from these weights. Lower "
-            f"decorr_weight (now {weight:g}) or learning_rate (now {learning_rate:g}), clip gradients with "
-            f"max_grad_norm > 0 (now {max_grad_norm:g}), or check the data for bad values; "
-            "decorr_stop_on_nonfinite=False trains on regardless",
+            f"decorr_weight (now {weight:g}) or learning_rate (now {learning_rate:g}), {clip}or check the data for "
+            "bad values; decorr_stop_on_nonfinite=False trains on regardless",
             step=step, first_step=int(first) + 1 if what else None,
         )
 
