@@ -16,6 +16,7 @@ from .errors import DecorrError, DivergenceError
 from .metrics import CovarianceAccumulator, decorrelation_metrics
 from .penalties import PENALTIES, Penalty, decorrelation_penalty, get_penalty, masked_covariance, register_penalty
 from .pooling import MissingMaskError, mask_from_inputs, pool_hidden
+from .quantization import fake_quantize
 from .samples import DecorrSamples
 from .trainer import MODEL_TAG, DecorrSeq2SeqTrainer, DecorrTrainer, DecorrTrainerMixin
 from .version import __version__
@@ -49,4 +50,5 @@ __all__ = [
     "resolve_layers",
     "pool_hidden",
     "mask_from_inputs",
+    "fake_quantize",
 ]

@@ -4,6 +4,8 @@
     hf-decorr compare A B [--data FILE] --output_dir DIR      two models (or two inspect outputs), linear CKA
     hf-decorr ablate MODEL [MODEL ...] --data FILE --layer L --output_dir DIR
                                                               accuracy with only the top-k units of L kept
+    hf-decorr quantize MODEL [MODEL ...] --data FILE --output_dir DIR
+                                                              accuracy with block outputs in int8 / int4
 
 Bad input (an unknown model, a model folder without a tokenizer, a missing column, blank texts,
 a layer spec that matches nothing, an empty data set, an ``--output_dir`` that cannot be written,
@@ -30,6 +32,8 @@ from .compare import add_arguments as _compare_arguments
 from .compare import run as _compare
 from .inspect import add_arguments as _inspect_arguments
 from .inspect import run as _inspect
+from .quantize import add_arguments as _quantize_arguments
+from .quantize import run as _quantize
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -41,6 +45,8 @@ COMMANDS = {
                 "two models (linear CKA per layer) or two inspect outputs, side by side"),
     "ablate": (_ablate_arguments, _ablate,
                "accuracy of a sequence classifier when only the top-k units of a layer are kept"),
+    "quantize": (_quantize_arguments, _quantize,
+                 "accuracy of a sequence classifier when block outputs are fake-quantized to int8 / int4"),
 }
 
 

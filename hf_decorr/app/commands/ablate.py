@@ -27,26 +27,27 @@ from typing import Any
 import torch
 
 from ...atomic import staged_directory, write_text_atomic
-from ...capture import first_tensor
 from ...metrics import CovarianceAccumulator
 from ..outputs import write_json_atomic
 from ..parser import RecipeError
 from .common import (
     PROG,
     LayerSamples,
-    LoadedModel,
+    accuracy_of,
     add_data_arguments,
     add_run_arguments,
     add_tokenizer_argument,
     check_command_output,
     check_figures,
+    edit_hidden,
+    labels_of,
     load_model,
     load_texts,
     metrics_row,
+    model_batches,
     quiet_transformers,
     resolve_model_layers,
     short_name,
-    tokenized_batches,
     tokenizers_for,
 )
 
@@ -76,52 +77,7 @@ def replace_units(output: Any, keep: torch.Tensor, mean: torch.Tensor) -> Any:
     ``keep`` is a ``(p,)`` bool mask, ``mean`` ``(p,)``. Tensors, tuples / lists (the first tensor)
     and ``ModelOutput`` / mappings (``last_hidden_state`` or the first tensor) are handled.
     """
-    hidden = first_tensor(output)
-    if hidden is None:
-        raise TypeError(f"the layer's output ({type(output).__name__}) holds no tensor")
-    edited = torch.where(keep.to(hidden.device), hidden, mean.to(device=hidden.device, dtype=hidden.dtype))
-    if isinstance(output, torch.Tensor):
-        return edited
-    if isinstance(output, (tuple, list)):
-        items = list(output)
-        index = next(i for i, item in enumerate(items) if item is hidden)
-        items[index] = edited
-        return type(output)(items) if isinstance(output, list) else tuple(items)
-    key = next(k for k, v in output.items() if v is hidden)
-    output[key] = edited
-    return output
-
-
-def _labels(rows, label_column: str, model) -> torch.Tensor:
-    """The data's labels as class ids of ``model`` (ints as they are, strings through ``label2id``)."""
-    values = list(rows[label_column])
-    num_labels = model.config.num_labels
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        bad = sorted({v for v in values if not 0 <= v < num_labels})
-        if bad:
-            raise RecipeError(f"--label_column {label_column!r} holds {bad[:5]}, outside the model's {num_labels} "
-                              f"classes 0..{num_labels - 1}")
-        return torch.tensor(values)
-    label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
-    unknown = sorted({str(v) for v in values} - set(label2id))
-    if unknown:
-        raise RecipeError(f"--label_column {label_column!r} holds {unknown[:5]}, which are not labels of the model "
-                          f"(its labels: {', '.join(label2id)})")
-    return torch.tensor([label2id[str(v)] for v in values])
-
-
-def _batches(loaded: LoadedModel, texts, args):
-    return [(rows, {k: v.to(loaded.device) for k, v in inputs.items()})
-            for rows, (inputs,) in tokenized_batches([loaded.tokenizer], texts, args.max_length, args.batch_size)]
-
-
-@torch.no_grad()
-def _accuracy(model, batches, labels: torch.Tensor) -> float:
-    correct = 0
-    for rows, inputs in batches:
-        predictions = model(**inputs).logits.argmax(dim=-1).cpu()
-        correct += int((predictions == labels[rows]).sum())
-    return correct / len(labels)
+    return edit_hidden(output, lambda h: torch.where(keep.to(h.device), h, mean.to(device=h.device, dtype=h.dtype)))
 
 
 def default_grid(width: int, extra: Sequence[int]) -> list[int]:
@@ -162,8 +118,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     runs = []
     for name, model, layer in zip(names, loaded, layers):
-        labels = _labels(rows, args.label_column, model.model)
-        batches = _batches(model, texts, args)
+        labels = labels_of(rows, args.label_column, model.model)
+        batches = model_batches(model, texts, args)
         acc = CovarianceAccumulator()
         correct = 0
         with LayerSamples(model.model, [layer], args.pooling) as capture:
@@ -193,7 +149,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             handle = r["_module"].register_forward_hook(
                 lambda module, inputs, output, keep=keep, mean=r["_mean"]: replace_units(output, keep, mean))
             try:
-                r["accuracy"][k] = _accuracy(r["_model"], r["_batches"], r["_labels"])
+                r["accuracy"][k] = accuracy_of(r["_model"], r["_batches"], r["_labels"])
             finally:
                 handle.remove()
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]

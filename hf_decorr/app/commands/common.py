@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...capture import HiddenStateCapture, modules_by_name, resolve_layers
+from ...capture import HiddenStateCapture, first_tensor, modules_by_name, resolve_layers
 from ...metrics import CovarianceAccumulator, decorrelation_metrics
 from ...pooling import POOLINGS, mask_from_inputs, pool_hidden
 from ...samples import assemble_samples, call_samples
@@ -54,6 +54,10 @@ __all__ = [
     "load_texts",
     "resolve_model_layers",
     "tokenized_batches",
+    "labels_of",
+    "model_batches",
+    "accuracy_of",
+    "edit_hidden",
     "LayerSamples",
     "metrics_row",
     "short_name",
@@ -109,12 +113,13 @@ def _max_length(text: str) -> int:
     return value
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, pooling_default: str = "tokens") -> None:
-    """``--pooling``, ``--batch_size``, ``--device``."""
-    parser.add_argument(
-        "--pooling", default=pooling_default, choices=list(POOLINGS),
-        help="what a sample is: every non-padding token, or one per text (mean / first / last token)",
-    )
+def add_run_arguments(parser: argparse.ArgumentParser, pooling_default: str | None = "tokens") -> None:
+    """``--pooling`` (unless ``pooling_default`` is ``None``), ``--batch_size``, ``--device``."""
+    if pooling_default is not None:
+        parser.add_argument(
+            "--pooling", default=pooling_default, choices=list(POOLINGS),
+            help="what a sample is: every non-padding token, or one per text (mean / first / last token)",
+        )
     parser.add_argument("--batch_size", type=int, default=32, help="texts per forward pass (default: 32)")
     parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default: cuda if available)")
 
@@ -545,3 +550,62 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+# ------------------------------------------------------------------------------ classifiers
+
+
+def labels_of(rows, label_column: str, model) -> torch.Tensor:
+    """The data's labels as class ids of ``model`` (ints as they are, strings through ``label2id``)."""
+    values = list(rows[label_column])
+    num_labels = model.config.num_labels
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        bad = sorted({v for v in values if not 0 <= v < num_labels})
+        if bad:
+            raise RecipeError(f"--label_column {label_column!r} holds {bad[:5]}, outside the model's {num_labels} "
+                              f"classes 0..{num_labels - 1}")
+        return torch.tensor(values)
+    label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
+    unknown = sorted({str(v) for v in values} - set(label2id))
+    if unknown:
+        raise RecipeError(f"--label_column {label_column!r} holds {unknown[:5]}, which are not labels of the model "
+                          f"(its labels: {', '.join(label2id)})")
+    return torch.tensor([label2id[str(v)] for v in values])
+
+
+def model_batches(loaded: LoadedModel, texts, args):
+    """``[(rows, inputs on the model's device)]``: the texts tokenized in batches of ``--batch_size``."""
+    return [(rows, {k: v.to(loaded.device) for k, v in inputs.items()})
+            for rows, (inputs,) in tokenized_batches([loaded.tokenizer], texts, args.max_length, args.batch_size)]
+
+
+@torch.no_grad()
+def accuracy_of(model, batches, labels: torch.Tensor) -> float:
+    """The classifier's accuracy over ``model_batches``' batches against ``labels`` (class ids per row)."""
+    correct = 0
+    for rows, inputs in batches:
+        predictions = model(**inputs).logits.argmax(dim=-1).cpu()
+        correct += int((predictions == labels[rows]).sum())
+    return correct / len(labels)
+
+
+def edit_hidden(output: Any, edit) -> Any:
+    """``output`` with its hidden-state tensor ``h`` replaced by ``edit(h)`` (a forward hook's return value).
+
+    Tensors, tuples / lists (the first tensor) and ``ModelOutput`` / mappings (``last_hidden_state`` or
+    the first tensor) are handled.
+    """
+    hidden = first_tensor(output)
+    if hidden is None:
+        raise TypeError(f"the layer's output ({type(output).__name__}) holds no tensor")
+    edited = edit(hidden)
+    if isinstance(output, torch.Tensor):
+        return edited
+    if isinstance(output, (tuple, list)):
+        items = list(output)
+        index = next(i for i, item in enumerate(items) if item is hidden)
+        items[index] = edited
+        return type(output)(items) if isinstance(output, list) else tuple(items)
+    key = next(k for k, v in output.items() if v is hidden)
+    output[key] = edited
+    return output
