@@ -134,10 +134,11 @@ def _workdir(tmp_path) -> str:
         os.symlink(os.path.join(REPO_ROOT, name), tmp_path / name)
     shims = tmp_path / ".bin"
     shims.mkdir()
-    for name in ("python", "python3"):
-        os.symlink(sys.executable, shims / name)
-    (shims / "hf-decorr").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m hf_decorr "$@"\n')
-    (shims / "hf-decorr").chmod(0o755)
+    python = shlex.quote(sys.executable)  # scripts, not links: a link would lose the virtual environment
+    for name, line in (("python", f'exec {python} "$@"'), ("python3", f'exec {python} "$@"'),
+                       ("hf-decorr", f'exec {python} -m hf_decorr "$@"')):
+        (shims / name).write_text(f"#!/bin/sh\n{line}\n")
+        (shims / name).chmod(0o755)
     return str(tmp_path)
 
 
