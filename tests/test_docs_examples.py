@@ -15,7 +15,8 @@ an HTML comment on the line before its fence:
   help (and the repository files it names must exist); any other command must start with a word of
   :data:`ALLOWED_COMMANDS`. ``<!-- docs-test: run -->`` executes the block as written instead (for
   cheap commands on tiny data; ``hf-decorr`` and ``python`` are this interpreter's);
-  ``<!-- docs-test: skip REASON -->`` only checks its syntax with ``bash -n``.
+  ``<!-- docs-test: skip REASON -->`` (a GPU, the Hub, a long run) documents why a block is never run
+  and adds ``bash -n``; its commands are checked as above.
 * ```` ```yaml ```` — must parse with ``yaml.safe_load``; ``decorr_*`` keys must be fields of ``DecorrConfig``.
 * Any other fence (``text``, ``json``, none) is prose.
 """
@@ -299,17 +300,16 @@ def _check_command(tokens: list[str], what: str) -> None:
     if word.startswith((".venv/", "./")):  # .venv/bin/python & co.
         return _check_command([os.path.basename(word), *tokens[1:]], what)
     assert word in ALLOWED_COMMANDS, (
-        f"{what}: `{word}` is not a command this test knows; add it to ALLOWED_COMMANDS or mark the block "
-        "<!-- docs-test: skip REASON -->")
+        f"{what}: `{word}` is not a command this test knows; add it to ALLOWED_COMMANDS in "
+        "tests/test_docs_examples.py, or use a ```text fence for a block that is not a command")
 
 
 @pytest.mark.parametrize("block", SHELL_BLOCKS, ids=lambda b: b.id)
 def test_shell_block(block: Block, tmp_path):
-    if block.marker == "skip":
+    if block.marker == "skip":  # never run: the syntax, then the same checks as an unmarked block
         assert block.reason, f"{block.id}: 'docs-test: skip' needs a reason"
         proc = subprocess.run(["bash", "-n"], input=block.code, capture_output=True, text=True)
         assert proc.returncode == 0, f"{block.id}: {proc.stderr}"
-        return
     if block.marker == "run":
         workdir = _workdir(tmp_path)
         code = block.code if block.lang not in {"console", "shell-session"} else "\n".join(_logical_lines(block))
