@@ -56,7 +56,7 @@ REPO_PREFIXES = ("recipes/", "examples/", "scripts/", "benchmarks/", "tests/", "
 RECIPE_OPTIONS_OUTSIDE_HELP = {"config"}
 PYTHON_TIMEOUT = 300
 MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*(skip|continue|run)\b\s*(.*?)\s*-->\s*$")
-FENCE = re.compile(r"^(\s{0,3})(`{3,}|~{3,})\s*([\w+-]*)")
+FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")  # indented too: fences inside list items
 
 
 @dataclasses.dataclass
@@ -353,13 +353,31 @@ def test_readme_front_page():
         assert "python -m pytest -q" in f.read()  # the command the README gives is the one CI runs
 
 
+def test_markers_are_well_formed_and_used_where_they_mean_something():
+    """A misspelt marker, or one on a block it does nothing for, would silently change what is checked."""
+    problems = []
+    for page in PAGES:
+        for number, line in enumerate(_read(page).splitlines(), start=1):
+            if "docs-test" in line and not MARKER.match(line):
+                problems.append(f"{page}:L{number}: not a docs-test marker: {line.strip()}")
+    for block in ALL_BLOCKS:
+        if block.marker == "continue" and block.lang not in PYTHON_LANGS:
+            problems.append(f"{block.id}: 'continue' is for Python blocks")
+        if block.marker == "run" and block.lang not in SHELL_LANGS:
+            problems.append(f"{block.id}: 'run' is for shell blocks (Python blocks always run)")
+        if block.marker == "skip" and not block.reason:
+            problems.append(f"{block.id}: 'skip' needs a reason")
+    assert problems == []
+
+
 def test_collector_sees_markers_and_continuations():
     page = ("x\n<!-- docs-test: skip needs a GPU -->\n```python\nimport torch\n```\n\n```bash\nls\n```\n"
-            "<!-- docs-test: continue -->\n\n```python\nx = 1\n```\n  ```yaml\n  a: 1\n  ```\n")
+            "<!-- docs-test: continue -->\n\n```python\nx = 1\n```\n  ```yaml\n  a: 1\n  ```\n"
+            "- item\n\n    ````bash\n    ```\n    ````\n")
     blocks = parse_blocks("page.md", page)
     assert [(b.lang, b.line, b.marker, b.reason) for b in blocks] == [
         ("python", 3, "skip", "needs a GPU"), ("bash", 7, None, ""), ("python", 12, "continue", ""),
-        ("yaml", 15, None, "")]
-    assert blocks[3].code == "a: 1\n"
+        ("yaml", 15, None, ""), ("bash", 20, None, "")]
+    assert blocks[3].code == "a: 1\n" and blocks[4].code == "```\n"  # a longer fence holds a shorter one
     assert _commands("a && b --x 1 | c # comment") == [["a"], ["b", "--x", "1"], ["c"]]
     assert len(PYTHON_SCRIPTS) >= 10 and len(SHELL_BLOCKS) >= 5  # the docs hold runnable examples
