@@ -161,7 +161,7 @@ def resolve_layers(model: nn.Module, specs: Iterable[str]) -> list[str]:
         if not stacks:
             raise ValueError(
                 f"decorr_layers entry {spec!r} needs a stack of transformer blocks, but none was found; give module "
-                f"names or globs instead. {_describe(model, stacks)}"
+                f"names or globs instead; {_describe(model, stacks)}"
             )
         return stacks
 

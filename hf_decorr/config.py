@@ -47,7 +47,7 @@ DECORR_CONFIG_NAME = "decorr_config.json"
 """The file name of the decorr settings saved beside every checkpoint and final model."""
 SYNC_MODES = ("global", "local")
 """The values of ``decorr_sync``."""
-# Chosen by measurement on pretrained MiniLM / SST-2: see README, "Choosing λ".
+# Measured on pretrained MiniLM / SST-2: see docs/choosing-lambda.md.
 DEFAULT_DECORR_WEIGHT = 1.0
 # written into decorr_config.json by hf_decorr 0.1.0; ignored when reading
 _LEGACY_VERSION_KEY = "hf_decorr_version"
@@ -159,7 +159,8 @@ class DecorrConfig:
         metadata={
             "help": "Matmul precision of the covariance on CUDA: 'fp32' (IEEE float32), 'tf32', 'bf16' (bf16 tensor "
             "cores with float32 accumulation; forward split into hi+lo for float32-like accuracy) or 'auto' "
-            "(the measured default, see docs/PERFORMANCE.md). The CPU always computes in float32.",
+            "(bf16 on CUDA, chosen from a CPU emulation of bf16 rounding: see docs/PERFORMANCE.md). The CPU always "
+            "computes in float32.",
             "choices": list(PRECISIONS),
         },
     )
