@@ -39,6 +39,14 @@ when the arguments are built, with a `ValueError` that names the option and its 
 """
 
 
+def _type(f) -> str:
+    """The field's annotation as written in the source (``float``, ``list[str]``, ``bool | None``): the class's
+    ``__annotations__`` keep the text, while ``HfArgumentParser`` replaces ``Field.type`` by evaluated types."""
+    from hf_decorr.config import DecorrConfig
+
+    return str(DecorrConfig.__annotations__.get(f.name, f.type))
+
+
 def _default(field: dataclasses.Field) -> object:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
@@ -73,10 +81,10 @@ def render() -> str:
     fields = dataclasses.fields(DecorrConfig)
     lines = [HEADER, "## Summary", "", "| field | type | default |", "|---|---|---|"]
     for f in fields:
-        lines.append(f"| [`{f.name}`](#{f.name}) | `{f.type}` | {_code(_default(f))} |")
+        lines.append(f"| [`{f.name}`](#{f.name}) | `{_type(f)}` | {_code(_default(f))} |")
     lines += ["", "## Fields", ""]
     for f in fields:
-        lines += [f"### `{f.name}`", "", f"- **Type:** `{f.type}`", f"- **Default:** {_code(_default(f))}"]
+        lines += [f"### `{f.name}`", "", f"- **Type:** `{_type(f)}`", f"- **Default:** {_code(_default(f))}"]
         choices = _choices(f)
         if choices is not None:
             extra = " (and any name added with `hf_decorr.register_penalty`)" if isinstance(
