@@ -3,6 +3,7 @@ file it came from (kept in docs/results/). Regenerate a file with its command, t
 
 import json
 import os
+import re
 
 from conftest import REPO_ROOT
 
@@ -39,3 +40,25 @@ def test_overhead_table_in_performance_is_the_benchmarks_output():
         assert cells[1].split()[0] == f"{data[key]['time_ratio']:.3f}", label
         assert cells[2].split()[0] == f"{data[key]['memory_ratio']:.3f}", label
     assert f"{data['plain']['median_step_s']:.2f} s" in section
+
+
+def _numbers(cell: str) -> list[float]:
+    return [float(x.replace("−", "-")) for x in re.findall(r"[−-]?\d+\.\d+", cell)]
+
+
+def test_llm_scale_memory_table_in_performance_is_the_benchmarks_output():
+    """docs/PERFORMANCE.md quotes `python benchmarks/llm_scale.py --rounds 2 --json docs/results/llm_scale.json`."""
+    data = json.load(open(os.path.join(DOCS, "results", "llm_scale.json"), encoding="utf-8"))
+    page = open(os.path.join(DOCS, "PERFORMANCE.md"), encoding="utf-8").read()
+    rows = [line for line in page.splitlines() if re.match(r"\| (on|off), (all 4|last) \|", line)]
+    assert len(rows) == 8
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        checkpointing, layers = cells[0].split(", ")
+        variant = cells[1].strip("*")
+        [m] = [m for m in data["memory"] if m.get("variant") == variant
+               and m["checkpointing"] == (checkpointing == "on") and m["layers"] == ("all" if layers == "all 4" else "last")]
+        want = [m["kept_MiB"], m["kept_ratio"], m["forward_peak_MiB"], m["forward_peak_ratio"],
+                m["backward_peak_ratio"]]
+        got = _numbers(cells[2]) + _numbers(cells[3]) + _numbers(cells[4])
+        assert got == [abs(round(v, 2)) if round(v, 2) == 0 else round(v, 2) for v in want], row
