@@ -263,6 +263,14 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--topk", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "log_steps", "seeds_small", "seeds_large"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_length < 2 or min(args.sizes) < 2 or min(args.topk) < 1:
+        parser.error(f"--max_length and --sizes must be >= 2 and --topk >= 1, got {args.max_length}, {args.sizes}, "
+                     f"{args.topk}")
+    if not 0 < args.target_share < 1:
+        parser.error(f"--target_share must be in (0, 1), got {args.target_share}")
     if args.quick:
         args.sizes, args.seeds_small, args.seeds_large = [16], 2, 1
         args.steps, args.batch_size, args.max_length, args.log_steps = 2, 8, 32, 1

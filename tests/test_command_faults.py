@@ -15,11 +15,11 @@ import subprocess
 import sys
 
 import pytest
+from test_commands import _assert_one_line_error, _run
 from tiny_models import tiny_bert, tiny_word_tokenizer
 from transformers import HfArgumentParser
 
 from hf_decorr import DecorrConfig, DecorrTrainingArguments
-from hf_decorr.app.commands import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,21 +77,10 @@ def tiny(tmp_path_factory):
             "data": _write_tsv(root / "data.tsv", texts), "root": root}
 
 
-def _run(argv, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def _one_line_error(code, err, *fragments, status=1) -> str:
     assert code == status, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("hf-decorr: error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
-    return lines[0]
+    _assert_one_line_error(code, err, *fragments)
+    return err.strip()
 
 
 def _env():

@@ -20,6 +20,14 @@ def test_help_lists_the_options():
         assert option in proc.stdout
 
 
+@pytest.mark.parametrize("bad, option", [(["--steps", "0"], "--steps"), (["--target_share", "2"], "--target_share"),
+                                         (["--sizes", "1"], "--sizes")])
+def test_bad_options_are_refused_naming_them(bad, option, capsys):
+    with pytest.raises(SystemExit) as info:
+        penalty_study.parse(["--output_dir", "x", *bad])
+    assert info.value.code == 2 and option in capsys.readouterr().err
+
+
 def test_quick_grid_writes_every_cell_and_resumes_where_it_stopped(tmp_path):
     out = tmp_path / "study"
     summary = penalty_study.main(["--quick", "--output_dir", str(out)])
