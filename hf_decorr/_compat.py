@@ -98,7 +98,7 @@ def undo_eval_only_prepare(trainer: Any) -> Iterator[None]:
 
 # ---------------------------------------------------------------------- activation checkpointing
 
-#: the current name of each TrainingArguments checkpointing option → its name before transformers 5.2x
+#: the current name of each TrainingArguments checkpointing option → its name before transformers 5.23.0 (the rename)
 CHECKPOINTING_RENAMES = {
     "activation_checkpointing": "gradient_checkpointing",
     "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
@@ -108,7 +108,7 @@ CHECKPOINTING_RENAMES = {
 def checkpointing_option(name: str = "activation_checkpointing", known: Any = None) -> str:
     """The name under which ``known`` (option names; default: ``TrainingArguments``'s fields) takes ``name``.
 
-    ``name`` itself when it is known, else its pre-5.2x name (``gradient_checkpointing[_kwargs]``)
+    ``name`` itself when it is known, else its pre-5.23 name (``gradient_checkpointing[_kwargs]``)
     when that one is; any other name is returned unchanged.
     """
     if known is None:
