@@ -132,3 +132,69 @@ def test_readme_and_guide_quote_the_studys_int4_range():
     assert min(means) > 0 and data["cells"] == 96
     assert quoted in open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
     assert quoted in open(os.path.join(DOCS, "choosing-lambda.md"), encoding="utf-8").read()
+
+
+def _printed(text: str, value: float) -> bool:
+    """``text`` (such as ``7.7e-8``, ``+28.2``, ``0.086``) is ``value`` rounded to the digits it shows."""
+    text = text.replace("−", "-").replace("+", "")
+    mantissa = text.split("e")[0]
+    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    exponent = int(text.split("e")[1]) if "e" in text else 0
+    return abs(float(text) - value) <= 0.5 * 10 ** (exponent - decimals) * (1 + 1e-9)
+
+
+def _performance_section(title: str) -> str:
+    page = open(os.path.join(DOCS, "PERFORMANCE.md"), encoding="utf-8").read()
+    return page.split(title, 1)[1].split("\n## ", 1)[0]
+
+
+def test_precision_and_subsampling_tables_in_performance_are_the_benchmarks_output():
+    """docs/PERFORMANCE.md quotes `python benchmarks/llm_scale.py --precision-table --subsample-table --json
+    docs/results/llm_precision.json`."""
+    data = json.load(open(os.path.join(DOCS, "results", "llm_precision.json"), encoding="utf-8"))
+    section = _performance_section("## Precision of the Gram")
+    rows = [line for line in section.splitlines() if re.match(r"\| (MiniLM layer \d|synthetic)", line)]
+    assert len(rows) == 7
+    for row in rows:
+        cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+        for precision, cell in zip(("fp32", "tf32", "bf16"), cells[1:]):
+            [m] = [m for m in data["precision"]
+                   if m["states"] == cells[0].replace(",", "") and m["precision"] == precision]
+            value, grad = (c.strip().strip("*") for c in cell.split("/"))
+            assert _printed(value, m["value_rel_err"]) and _printed(grad, m["grad_rel_err"]), (cells[0], precision)
+    section = _performance_section("## Subsampling")
+    rows = [line for line in section.splitlines() if re.match(r"\| \d+ \| [+−-]", line)]
+    assert len(rows) >= 3
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        [m] = [m for m in data["subsample"] if m["max_samples"] == int(cells[0])]
+        low, high = cells[2].replace("%", "").split(" … ")
+        assert _printed(cells[1].rstrip("%"), 100 * m["bias_mean"]), row
+        assert _printed(low, 100 * m["bias_min"]) and _printed(high, 100 * m["bias_max"]), row
+        assert _printed(cells[3], m["grad_cosine_drawn_rows"]), row
+
+
+
+def test_kernel_memory_table_in_performance_is_the_benchmarks_output():
+    """docs/PERFORMANCE.md quotes `python benchmarks/llm_scale.py --kernel-table --json docs/results/llm_kernel.json`.
+    """
+    data = json.load(open(os.path.join(DOCS, "results", "llm_kernel.json"), encoding="utf-8"))["kernel"]
+    section = _performance_section("### Checked against measurements")
+    rows = [line for line in section.splitlines() if re.match(r"\| (\d+|old path, \d+) \| \d+ \|", line)]
+    assert len(rows) == 5
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        old = cells[0].startswith("old path")
+        n, p = int(cells[0].split()[-1]), int(cells[1])
+        if old:
+            [m] = [m for m in data if m["variant"] == "old" and (m["N"], m["p"]) == (n, p)]
+        else:
+            chunk = int(cells[2].split()[0])
+            [m] = [m for m in data if m["variant"] == "new" and (m["N"], m["p"], m["chunk"]) == (n, p, chunk)]
+        numbers = [re.findall(r"\d+(?:\.\d+)?", c) for c in cells[3:]]
+        assert _printed(numbers[0][0], m["kept_MiB"]) and _printed(numbers[1][0], m["kept_formula_MiB"]), row
+        assert _printed(numbers[2][0], m["forward_transient_MiB"]), row
+        assert _printed(numbers[3][0], m["backward_transient_MiB"]), row
+        if not old:
+            assert _printed(numbers[2][1], m["forward_transient_per_Tp"]), row
+            assert _printed(numbers[3][1], m["backward_transient_per_Tp"]), row
