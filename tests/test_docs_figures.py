@@ -198,3 +198,31 @@ def test_kernel_memory_table_in_performance_is_the_benchmarks_output():
         if not old:
             assert _printed(numbers[2][1], m["forward_transient_per_Tp"]), row
             assert _printed(numbers[3][1], m["backward_transient_per_Tp"]), row
+
+
+def test_sweep_tables_in_results_are_the_sweeps_output():
+    """docs/RESULTS.md §2 quotes `python recipes/sweep_sst2.py --weights 0 1 3 10 --seeds 42 43 44 --threads 1
+    --output_dir outputs/sst2_sweep` (its sweep.md and sweep.json are kept in docs/results/sst2_sweep/); every
+    column but the machine-dependent train time."""
+    folder = os.path.join(DOCS, "results", "sst2_sweep")
+    source = open(os.path.join(folder, "sweep.md"), encoding="utf-8").read()
+    data = json.load(open(os.path.join(folder, "sweep.json"), encoding="utf-8"))
+    page = open(os.path.join(DOCS, "RESULTS.md"), encoding="utf-8").read()
+    section = page.split("## 2.", 1)[1].split("\n## ", 1)[0]
+
+    def cells(row: str) -> list[str]:
+        return [c.strip() for c in row.strip().strip("|").split("|")]
+
+    train_time = cells(_table_rows(source, "λ")[0]).index("train time (s)")
+    for label in ("0 (baseline)", "1 ← chosen on dev", "3", "10"):
+        [got], [want] = _table_rows(section, label)[:1], _table_rows(source, label)
+        got, want = cells(got), cells(want)
+        assert got[:train_time] + got[train_time + 1:] == want[:train_time] + want[train_time + 1:], label
+    assert data["chosen_weight"] == 1.0 and "--seeds 42 43 44" in data["command"]
+    # the effective-rank table: PCA-UD and the dev-set L_Σ of each layer, mean ± std over the seeds
+    for weight in ("0", "1", "3", "10"):
+        layers = data["summary"][weight]["layers"]
+        want = [f"{layers[f'bert.encoder.layer.{i}'][m][0]:.{d}f} ± {layers[f'bert.encoder.layer.{i}'][m][1]:.{d}f}"
+                for m, d in (("pca_ud", 1), ("cov_l1", 4)) for i in (4, 5)]
+        rows = [r for r in _table_rows(section, weight) if len(cells(r)) == 5]
+        assert [cells(r)[1:] for r in rows] == [want], weight
