@@ -226,3 +226,17 @@ def test_sweep_tables_in_results_are_the_sweeps_output():
                 for m, d in (("pca_ud", 1), ("cov_l1", 4)) for i in (4, 5)]
         rows = [r for r in _table_rows(section, weight) if len(cells(r)) == 5]
         assert [cells(r)[1:] for r in rows] == [want], weight
+
+
+def test_kernel_time_table_in_performance_is_the_benchmarks_output():
+    """docs/PERFORMANCE.md quotes `python benchmarks/llm_scale.py --kernel-time --json
+    docs/results/llm_kernel_time.json` (milliseconds and the ratio)."""
+    data = json.load(open(os.path.join(DOCS, "results", "llm_kernel_time.json"), encoding="utf-8"))["kernel_time"]
+    page = open(os.path.join(DOCS, "PERFORMANCE.md"), encoding="utf-8").read()
+    rows = [line for line in page.splitlines() if re.match(r"\| \d+ \| \d+ \| (float32|bfloat16) \|", line)]
+    assert len(rows) == len(data) == 3
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        [m] = [m for m in data if (m["N"], m["p"], m["dtype"]) == (int(cells[0]), int(cells[1]), cells[2])]
+        assert _printed(cells[3].split()[0], 1000 * m["old_s"]) and _printed(cells[4].split()[0], 1000 * m["new_s"])
+        assert _printed(cells[5], m["new/old"]), row
