@@ -240,3 +240,23 @@ def test_kernel_time_table_in_performance_is_the_benchmarks_output():
         [m] = [m for m in data if (m["N"], m["p"], m["dtype"]) == (int(cells[0]), int(cells[1]), cells[2])]
         assert _printed(cells[3].split()[0], 1000 * m["old_s"]) and _printed(cells[4].split()[0], 1000 * m["new_s"])
         assert _printed(cells[5], m["new/old"]), row
+
+
+def test_layer_tables_in_results_are_the_commands_output():
+    """docs/RESULTS.md §6 quotes `hf-decorr compare` and `hf-decorr ablate` on the main job's two models (their
+    compare.md and ablation.md are kept in docs/results/main_job_layers/)."""
+    folder = os.path.join(DOCS, "results", "main_job_layers")
+    page = open(os.path.join(DOCS, "RESULTS.md"), encoding="utf-8").read()
+    section = page.split("## 6.", 1)[1].split("\n## ", 1)[0]
+    compare = open(os.path.join(folder, "compare.md"), encoding="utf-8").read()
+    ablation = open(os.path.join(folder, "ablation.md"), encoding="utf-8").read()
+    def rows(text: str, first: str, layer: bool) -> list[str]:  # the layer table's rows name a `bert…` module
+        return [r for r in _table_rows(text, first) if ("`bert." in r) == layer]
+
+    for i in range(6):
+        assert rows(section, str(i), True) == rows(compare, str(i), True) != [], i
+    data = json.load(open(os.path.join(folder, "ablation.json"), encoding="utf-8"))
+    ks = sorted({int(k) for k in re.findall(r"^\| (\d+) \| 0\.", ablation, flags=re.M)})
+    assert 384 in ks and 8 in ks and data
+    for k in ks:
+        assert rows(section, str(k), False) == rows(ablation, str(k), False) != [], k
