@@ -26,13 +26,13 @@ and pooled over the sizes, and every model's figures; ``figures/`` draws them (m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import json
 import math
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -46,11 +46,12 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from hf_decorr import DecorrTrainer, DecorrTrainingArguments, fake_quantize
+from hf_decorr import CovarianceAccumulator, DecorrTrainer, DecorrTrainingArguments, fake_quantize
 from hf_decorr.app.commands.ablate import replace_units
-from hf_decorr.app.commands.common import edit_hidden
+from hf_decorr.app.commands.common import LayerSamples, accuracy_of, edit_hidden
 from hf_decorr.app.outputs import write_json_atomic
 from hf_decorr.atomic import write_text_atomic
+from hf_decorr.metrics import mean_std
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data", "sst2")
@@ -111,67 +112,62 @@ def calibrate(args) -> dict[str, float]:
     return out
 
 
-@torch.no_grad()
-def accuracy(model, batches, hooks=()) -> float:
-    handles = [module.register_forward_hook(fn) for module, fn in hooks]
+def batches_of(tokenizer, rows, max_length: int, size: int = 64):
+    """``rows`` as ``(dataset, [(row slice, inputs)], labels)``: padded batches of ``size`` in the form
+    :func:`~hf_decorr.app.commands.common.accuracy_of` takes (the same batches as ``hf-decorr ablate``)."""
+    data = encode(tokenizer, rows, max_length)
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    batches = []
+    for start in range(0, len(data), size):
+        part = slice(start, min(start + size, len(data)))
+        inputs = dict(collate([data[i] for i in range(part.start, part.stop)]))
+        inputs.pop("labels")
+        batches.append((part, inputs))
+    return data, batches, torch.tensor([label for _, label in rows])
+
+
+@contextlib.contextmanager
+def hooked(pairs):
+    """Forward hooks ``[(module, fn)]`` attached for the block."""
+    handles = [module.register_forward_hook(fn) for module, fn in pairs]
     try:
-        correct = total = 0
-        for batch in batches:
-            labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-            total += len(labels)
-            batch["labels"] = labels
-        return correct / total
+        yield
     finally:
         for handle in handles:
             handle.remove()
 
 
+def unit_mean(model, layer: str, batches) -> torch.Tensor:
+    """The mean of each unit of ``layer``'s output over the non-padding tokens of ``batches`` (as ablate)."""
+    acc = CovarianceAccumulator()
+    with LayerSamples(model, [layer], "tokens") as capture:
+        for _, inputs in batches:
+            acc.update(capture.samples(inputs)[0][layer])
+    return (acc.sum / acc.count).float()
+
+
 def measure(trainer, tokenizer, args, dev_rows, test_rows) -> dict:
     model = trainer.model.eval()
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    dev_set = encode(tokenizer, dev_rows, args.max_length)
-    dev = [collate([dev_set[i] for i in range(s, min(s + 64, len(dev_set)))]) for s in range(0, len(dev_set), 64)]
-    test_set = encode(tokenizer, test_rows, args.max_length)
-    test = [collate([test_set[i] for i in range(s, min(s + 64, len(test_set)))]) for s in range(0, len(test_set), 64)]
+    dev_set, dev, dev_labels = batches_of(tokenizer, dev_rows, args.max_length)
+    _, test, test_labels = batches_of(tokenizer, test_rows, args.max_length)
     metrics = trainer.evaluate(dev_set, metric_key_prefix="dev")
-    out = {"dev_accuracy": accuracy(model, dev), "test_accuracy": accuracy(model, test),
+    out = {"dev_accuracy": accuracy_of(model, dev, dev_labels), "test_accuracy": accuracy_of(model, test, test_labels),
            "decorr": {k: metrics[f"dev_decorr_{k}"] for k in ("mapc", "cvr", "ud")}}
-    blocks = [dict(model.named_modules())[name] for name in [f"bert.encoder.layer.{i}" for i in range(6)]]
+    names = [f"bert.encoder.layer.{i}" for i in range(6)]
+    blocks = [dict(model.named_modules())[name] for name in names]
     for bits, granularity in QUANT:
         hook = lambda m, i, o, b=bits, g=granularity: edit_hidden(o, lambda h: fake_quantize(h, b, g))  # noqa: E731
-        out[f"int{bits}_{granularity}_accuracy"] = accuracy(model, dev, [(block, hook) for block in blocks])
+        with hooked([(block, hook) for block in blocks]):
+            out[f"int{bits}_{granularity}_accuracy"] = accuracy_of(model, dev, dev_labels)
     last = trainer.decorr_last_eval_covariances[trainer.decorr_layer_names[-1]]
-    mean = trainer_mean(model, blocks[-1], dev)
+    mean = unit_mean(model, names[-1], dev)
     order = torch.argsort(-torch.diagonal(last), stable=True)
     for k in args.topk:
         keep = torch.zeros(last.shape[0], dtype=torch.bool)
         keep[order[:k]] = True
-        hook = lambda m, i, o, keep=keep: replace_units(o, keep, mean)  # noqa: E731
-        out[f"top{k}_accuracy"] = accuracy(model, dev, [(blocks[-1], hook)])
+        with hooked([(blocks[-1], lambda m, i, o, keep=keep: replace_units(o, keep, mean))]):
+            out[f"top{k}_accuracy"] = accuracy_of(model, dev, dev_labels)
     return out
-
-
-@torch.no_grad()
-def trainer_mean(model, block, batches) -> torch.Tensor:
-    """The dev mean of each unit of ``block``'s output over the non-padding tokens (float64)."""
-    total, count = None, 0
-    def grab(m, i, o):
-        nonlocal total, count
-        h = o[0] if isinstance(o, tuple) else o
-        mask = current["mask"].bool()
-        part = h[mask].double().sum(0)
-        total = part if total is None else total + part
-        count += int(mask.sum())
-    current = {}
-    handle = block.register_forward_hook(grab)
-    try:
-        for batch in batches:
-            current["mask"] = batch["attention_mask"]
-            model(**{k: v for k, v in batch.items() if k != "labels"})
-    finally:
-        handle.remove()
-    return (total / count).float()
 
 
 def seeds_for(args, size: int) -> list[int]:
@@ -234,9 +230,7 @@ def differences(results: list[dict], metric: str, penalty: str, sizes) -> list[f
 
 def describe(values: list[float]) -> dict:
     """Mean, std, the 95% t interval of the mean, and the sign counts of ``values``."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if n > 1 else 0.0
+    mean, std, n = mean_std(values)
     half = T975.get(n - 1, 1.96) * std / math.sqrt(n) if n > 1 else None
     wins, losses = sum(v > 0 for v in values), sum(v < 0 for v in values)
     ci95 = [mean - half, mean + half] if half is not None else None  # None: one pair has no interval
@@ -256,8 +250,8 @@ def absolute(results: list[dict], metric: str, penalty: str, size: int) -> dict:
     values = [value(r, metric) for r in results if r["penalty"] == penalty and r["size"] == size]
     if not values:
         return {}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    mean, std, n = mean_std(values)
+    return {"mean": mean, "std": std, "n": n}
 
 
 def smallest_significant_split(n: int, alpha: float = 0.05) -> int | None:
@@ -281,7 +275,7 @@ def summarise(args, results: list[dict]) -> dict:
     return {"paired": paired_table, "pooled": pooled, "absolute": absolute_table, "weights": weights,
             "comparisons": tests, "pooled_comparisons": sum(1 for m in pooled.values() for c in m.values() if c),
             "cells": len(results), "cpu_minutes": math.fsum(minutes),
-            "cpu_minutes_per_cell": statistics.fmean(minutes) if minutes else 0.0,
+            "cpu_minutes_per_cell": mean_std(minutes)[0] if minutes else 0.0,
             "seeds": {str(s): len(seeds_for(args, s)) for s in args.sizes},
             "calibration": json.load(open(os.path.join(args.output_dir, "calibration.json"), encoding="utf-8"))}
 
