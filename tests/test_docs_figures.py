@@ -260,3 +260,20 @@ def test_layer_tables_in_results_are_the_commands_output():
     assert 384 in ks and 8 in ks and data
     for k in ks:
         assert rows(section, str(k), False) == rows(ablation, str(k), False) != [], k
+
+
+def test_llm_step_times_in_performance_are_the_benchmarks_output():
+    """docs/PERFORMANCE.md's idle-machine step times quote the `time` entry of docs/results/llm_scale.json (the
+    same `python benchmarks/llm_scale.py --rounds 2` run as the memory table)."""
+    data = json.load(open(os.path.join(DOCS, "results", "llm_scale.json"), encoding="utf-8"))["time"]
+    section = _performance_section("### Time (CPU, float32)")
+    quoted = re.search(r"plain ([\d.]+) s \(([\d.]+)×\), old\s+path ([\d.]+) s \(([\d.]+)×\), new path ([\d.]+) s "
+                       r"\(([\d.]+)×\)", section.split("docs/results/llm_scale.json", 1)[1])
+    assert quoted, "the step-time sentence after the llm_scale.json command"
+    for i, variant in enumerate(("plain", "old", "new")):
+        assert _printed(quoted[2 * i + 1], data[variant]["seconds"]), variant
+        assert _printed(quoted[2 * i + 2], data[variant]["ratio"]), variant
+    memory = json.load(open(os.path.join(DOCS, "results", "llm_scale.json"), encoding="utf-8"))["memory"]
+    [new] = [m for m in memory if m["variant"] == "new" and m["checkpointing"] and m["layers"] == "all"]
+    kept, rise = re.search(r"kept ([\d.]+)×, forward peak rise ([−\d.]+)×", section).groups()
+    assert _printed(kept, new["kept_ratio"]) and _printed(rise, new["forward_peak_ratio"])
