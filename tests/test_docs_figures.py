@@ -277,3 +277,39 @@ def test_llm_step_times_in_performance_are_the_benchmarks_output():
     [new] = [m for m in memory if m["variant"] == "new" and m["checkpointing"] and m["layers"] == "all"]
     kept, rise = re.search(r"kept ([\d.]+)×, forward peak rise ([−\d.]+)×", section).groups()
     assert _printed(kept, new["kept_ratio"]) and _printed(rise, new["forward_peak_ratio"])
+
+
+def test_penalty_magnitude_in_results_is_the_sweeps_logs():
+    """docs/RESULTS.md §3 quotes the logged L_Σ and task loss of the sweep's runs (each run's results.json is kept
+    in docs/results/sst2_sweep/runs/)."""
+    import statistics
+
+    folder = os.path.join(DOCS, "results", "sst2_sweep", "runs")
+
+    def runs(weight: str) -> list[dict]:
+        return [json.load(open(os.path.join(folder, f"lambda{weight}_seed{s}.json"), encoding="utf-8"))
+                for s in (42, 43, 44)]
+
+    page = open(os.path.join(DOCS, "RESULTS.md"), encoding="utf-8").read()
+    section = page.split("## 3.", 1)[1].split("\n## ", 1)[0]
+    base = runs("0")
+    assert all(r["decorr_weight"] == 0.0 and len(r["decorr_loss_log"]) == 9 for r in base)
+    [penalty] = [r for r in section.splitlines() if r.startswith("| L_Σ,")]
+    [task] = _table_rows(section, "task loss")
+    got = re.findall(r"\d+\.\d+", penalty) + re.findall(r"\d+\.\d+", task)
+    mean = statistics.fmean
+    want = [mean(r["decorr_loss_log"][0] for r in base), mean(r["decorr_loss_log"][-1] for r in base),
+            mean(max(r["decorr_loss_log"]) for r in base),
+            mean(r["task_loss_log"][0] for r in base), mean(r["task_loss_log"][-1] for r in base)]
+    assert len(got) == 5 and all(_printed(g, w) for g, w in zip(got, want)), (got, want)
+    text = " ".join(section.split())
+    for weight in ("1", "3", "10"):
+        shares = [[float(weight) * d / t for d, t in zip(r["decorr_loss_log"], r["task_loss_log"])]
+                  for r in runs(weight)]
+        quoted = re.search(rf"([\d.]+)% at λ = {weight} \(([\d.]+)% in the first window, ([\d.]+)% in the last\)|"
+                           rf"([\d.]+)% at λ = {weight} \(([\d.]+)% first, ([\d.]+)% last\)", text)
+        assert quoted, weight
+        values = [v for v in quoted.groups() if v is not None]
+        want = [100 * mean(mean(s) for s in shares), 100 * mean(s[0] for s in shares),
+                100 * mean(s[-1] for s in shares)]
+        assert all(_printed(v, w) for v, w in zip(values, want)), (weight, values, want)
