@@ -297,6 +297,9 @@ def test_xor_data_and_active_units():
         == 3
     )
     assert xor.count_active_share([0.0] * 4, 0.01) == 0
+    # a collapsed layer: every unit constant up to float32 round-off (seed 9's layer 1 with L_Σ)
+    assert xor.count_active_share([5.6e-15, 4.7e-15, 3.3e-15, 8.9e-16], 0.01) == 0
+    assert xor.count_active_share([5.6e-13, 4.7e-13, 3.3e-13, 8.9e-14], 0.01) == 4
 
 
 def test_image_autoencoder_quick(tmp_path):

@@ -15,7 +15,10 @@ activation over the four inputs, are reported side by side:
 * relative: ``v_i ≥ --active_share · Σ_j v_j`` (default 1% of the layer's total variance, the
   rule of the dimensionality recipe). L_Σ shrinks *every* variance of a layer (the next layer's
   weights grow to compensate), so units that still carry the XOR signal can fall under a fixed
-  absolute threshold; the relative rule does not depend on that scale.
+  absolute threshold; the relative rule does not depend on that scale. A layer whose total
+  variance is below ``CONSTANT_VARIANCE`` (1e-12, a standard deviation under 1e-6) is constant to
+  float32 precision (activations in (0, 1) resolve about 6e-8) and has no active unit under this
+  rule: its shares would be ratios of round-off.
 
 The paper reports that with L_Σ the network uses exactly 2 units in layer 1 and 1 in layer 2
 (the minimal XOR network); we count, over the seeds, the runs that end with exactly that, with
@@ -131,10 +134,17 @@ def count_active(variances: list[float], threshold: float) -> int:
     return sum(v >= threshold for v in variances)
 
 
+CONSTANT_VARIANCE = 1e-12
+"""A layer whose unit variances sum to less than this is constant (float32 round-off, not signal)."""
+
+
 def count_active_share(variances: list[float], share: float) -> int:
-    """Units whose variance is at least ``share`` of the layer's total (relative rule; 0 for a constant layer)."""
+    """Units whose variance is at least ``share`` of the layer's total (relative rule).
+
+    0 for a constant layer: total variance below :data:`CONSTANT_VARIANCE`.
+    """
     total = sum(variances)
-    return sum(v >= share * total for v in variances) if total > 0 else 0
+    return sum(v >= share * total for v in variances) if total >= CONSTANT_VARIANCE else 0
 
 
 RULES = {"abs": count_active, "rel": count_active_share}
@@ -288,8 +298,9 @@ def write_report(out: str, args: XorArguments, records: list[dict], summary: dic
         f"layers; {args.num_seeds} seeds, each trained with and without the penalty from the same initial weights. "
         "Active unit, absolute rule: the variance of its activation over the 4 inputs is "
         f"≥ {args.active_threshold:g}; "
-        f"relative rule: it holds ≥ {args.active_share:.0%} of its layer's total variance. "
-        "Collapsed: every unit of layer 1 constant.\n",
+        f"relative rule: it holds ≥ {args.active_share:.0%} of its layer's total variance, and a layer whose "
+        f"total variance is below {CONSTANT_VARIANCE:g} is constant (no active unit). "
+        "Collapsed: layer 1 constant.\n",
         markdown_table(
             rows,
             [
