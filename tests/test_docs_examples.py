@@ -44,7 +44,7 @@ SHELL_LANGS = {"bash", "sh", "shell", "console", "shell-session"}
 YAML_LANGS = {"yaml", "yml"}
 #: first words of shell commands that are only checked for being expected here (never run)
 ALLOWED_COMMANDS = {"pip", "pip3", "cd", "export", "source", ".", "mkdir", "ls", "cat", "echo", "git", "tensorboard",
-                    "nvidia-smi", "uv", "deactivate"}
+                    "nvidia-smi", "uv", "deactivate", "wait"}
 #: ``python -m <module>`` forms that are only checked for being expected here
 ALLOWED_MODULES = {"pip", "venv", "pytest"}
 #: script names that stand for the reader's own script in launcher examples

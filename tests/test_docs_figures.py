@@ -313,3 +313,62 @@ def test_penalty_magnitude_in_results_is_the_sweeps_logs():
         want = [100 * mean(mean(s) for s in shares), 100 * mean(s[0] for s in shares),
                 100 * mean(s[-1] for s in shares)]
         assert all(_printed(v, w) for v, w in zip(values, want)), (weight, values, want)
+
+
+def test_sentence_embedding_tables_in_results_are_the_recipes_output():
+    """docs/RESULTS.md §7 quotes the merged three-seed run of recipes/sentence_embeddings.py (its accuracy_vs_k.md
+    and results.json are kept in docs/results/sentence_embeddings/): the tables verbatim, the differences and the
+    embedding metrics in the text, the CPU time per configuration."""
+    import statistics
+
+    folder = os.path.join(DOCS, "results", "sentence_embeddings")
+    source = open(os.path.join(folder, "accuracy_vs_k.md"), encoding="utf-8").read()
+    data = json.load(open(os.path.join(folder, "results.json"), encoding="utf-8"))
+    page = open(os.path.join(DOCS, "RESULTS.md"), encoding="utf-8").read()
+    section = page.split("## 7.", 1)[1].split("\n## ", 1)[0]
+    tables = re.findall(r"(?:^\|.*\|\n)+", source, flags=re.M)
+    assert len(tables) == 2 and all(t in section for t in tables)
+    assert sorted({r["seed"] for r in data["runs"]}) == [0, 1, 2] and len(data["runs"]) == 12
+    text = " ".join(section.split())
+    acc = {label: {int(k): 100 * v["test_mean"] for k, v in row.items()} for label, row in data["summary"].items()}
+    base, pen = acc["baseline, top-k units by variance"], acc["penalty, top-k units by variance"]
+    pca, mat, both = (acc["baseline + PCA (first k components)"], acc["Matryoshka, first k"],
+                      acc["penalty + Matryoshka, first k"])
+
+    def quoted(pattern: str) -> list[str]:
+        match = re.search(pattern, text)
+        assert match, pattern
+        return [g for g in match.groups()]
+
+    number = r"([−+]?\d+\.\d)"
+    three = number + ", " + number + " and " + number
+    checks = [
+        (three + r" points at k = 8, 16 and 32, each within", [pen[k] - base[k] for k in (8, 16, 32)]),
+        (r"\(" + number + "–" + number + r"% from k = 8 to 64\)", [min(pca[k] for k in (8, 16, 32, 64)),
+                                                                   max(pca[k] for k in (8, 16, 32, 64))]),
+        (r"top-k units are " + three + " points below it", [pca[k] - base[k] for k in (8, 16, 32)]),
+        (r"penalised embedding's " + three + r"\.", [pca[k] - pen[k] for k in (8, 16, 32)]),
+        (r"changes little \(" + three + " points", [both[k] - mat[k] for k in (8, 16, 32)]),
+    ]
+    for pattern, want in checks:
+        got = quoted(pattern)
+        assert len(got) == len(want) and all(_printed(g, w) for g, w in zip(got, want)), (pattern, got, want)
+
+    def mean(config: str, key: str) -> float:
+        return statistics.fmean(r["eval"][key] for r in data["runs"] if r["config"] == config)
+
+    penalised = [r for r in data["runs"] if r["config"] == "penalty"]
+    got = quoted(r"L_Σ (\d\.\d+)·10⁻⁴ \(baseline\) → (\d\.\d+)·10⁻⁶ \(penalty, (\d+)× lower; the logged training "
+                 r"L_Σ of the penalised runs fell from (\d\.\d+)·10⁻⁴ to (\d\.\d+)·10⁻⁵\), but MAPC \*rose\* "
+                 r"(\d\.\d+) → (\d\.\d+), UD_90% fell (\d+\.\d) → (\d+\.\d) and PCA-UD (\d+\.\d) → (\d+\.\d)")
+    want = [1e4 * mean("baseline", "eval_decorr_cov_l1"), 1e6 * mean("penalty", "eval_decorr_cov_l1"),
+            mean("baseline", "eval_decorr_cov_l1") / mean("penalty", "eval_decorr_cov_l1"),
+            1e4 * statistics.fmean(r["first_decorr_loss"] for r in penalised),
+            1e5 * statistics.fmean(r["last_decorr_loss"] for r in penalised),
+            mean("baseline", "eval_decorr_mapc"), mean("penalty", "eval_decorr_mapc"),
+            mean("baseline", "eval_decorr_ud"), mean("penalty", "eval_decorr_ud"),
+            mean("baseline", "eval_decorr_pca_ud"), mean("penalty", "eval_decorr_pca_ud")]
+    assert all(_printed(g, w) for g, w in zip(got, want)), (got, want)
+    low, high = quoted(r"took (\d+\.\d)–(\d+\.\d) s of CPU time")
+    cpu = [r["cpu_seconds"] for r in data["runs"]]
+    assert _printed(low, min(cpu)) and _printed(high, max(cpu))
