@@ -1,4 +1,5 @@
 import os
+import re
 import tempfile
 
 # offline and isolated from any user cache, before transformers / datasets are imported
@@ -20,3 +21,20 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# ------------------------------------------------------------- figures quoted in the docs
+
+
+def printed(text: str, value: float) -> bool:
+    """``text`` (such as ``7.7e-8``, ``+28.2``, ``0.086``) is ``value`` rounded to the digits it shows."""
+    text = text.replace("−", "-").replace("+", "")
+    mantissa = text.split("e")[0]
+    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    exponent = int(text.split("e")[1]) if "e" in text else 0
+    return abs(float(text) - value) <= 0.5 * 10 ** (exponent - decimals) * (1 + 1e-9)
+
+
+def markdown_tables(text: str) -> list[str]:
+    """The markdown tables of ``text``, each as its lines (header, rule, rows) without the final newline."""
+    return [t.rstrip("\n") for t in re.findall(r"(?:^\|.*\|\n)+", text, flags=re.M)]

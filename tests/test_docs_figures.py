@@ -5,7 +5,7 @@ import json
 import os
 import re
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, markdown_tables, printed
 
 DOCS = os.path.join(REPO_ROOT, "docs")
 
@@ -134,15 +134,6 @@ def test_readme_and_guide_quote_the_studys_int4_range():
     assert quoted in open(os.path.join(DOCS, "choosing-lambda.md"), encoding="utf-8").read()
 
 
-def _printed(text: str, value: float) -> bool:
-    """``text`` (such as ``7.7e-8``, ``+28.2``, ``0.086``) is ``value`` rounded to the digits it shows."""
-    text = text.replace("−", "-").replace("+", "")
-    mantissa = text.split("e")[0]
-    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
-    exponent = int(text.split("e")[1]) if "e" in text else 0
-    return abs(float(text) - value) <= 0.5 * 10 ** (exponent - decimals) * (1 + 1e-9)
-
-
 def _performance_section(title: str) -> str:
     page = open(os.path.join(DOCS, "PERFORMANCE.md"), encoding="utf-8").read()
     return page.split(title, 1)[1].split("\n## ", 1)[0]
@@ -161,7 +152,7 @@ def test_precision_and_subsampling_tables_in_performance_are_the_benchmarks_outp
             [m] = [m for m in data["precision"]
                    if m["states"] == cells[0].replace(",", "") and m["precision"] == precision]
             value, grad = (c.strip().strip("*") for c in cell.split("/"))
-            assert _printed(value, m["value_rel_err"]) and _printed(grad, m["grad_rel_err"]), (cells[0], precision)
+            assert printed(value, m["value_rel_err"]) and printed(grad, m["grad_rel_err"]), (cells[0], precision)
     section = _performance_section("## Subsampling")
     rows = [line for line in section.splitlines() if re.match(r"\| \d+ \| [+−-]", line)]
     assert len(rows) >= 3
@@ -169,9 +160,9 @@ def test_precision_and_subsampling_tables_in_performance_are_the_benchmarks_outp
         cells = [c.strip() for c in row.strip("|").split("|")]
         [m] = [m for m in data["subsample"] if m["max_samples"] == int(cells[0])]
         low, high = cells[2].replace("%", "").split(" … ")
-        assert _printed(cells[1].rstrip("%"), 100 * m["bias_mean"]), row
-        assert _printed(low, 100 * m["bias_min"]) and _printed(high, 100 * m["bias_max"]), row
-        assert _printed(cells[3], m["grad_cosine_drawn_rows"]), row
+        assert printed(cells[1].rstrip("%"), 100 * m["bias_mean"]), row
+        assert printed(low, 100 * m["bias_min"]) and printed(high, 100 * m["bias_max"]), row
+        assert printed(cells[3], m["grad_cosine_drawn_rows"]), row
 
 
 
@@ -192,12 +183,12 @@ def test_kernel_memory_table_in_performance_is_the_benchmarks_output():
             chunk = int(cells[2].split()[0])
             [m] = [m for m in data if m["variant"] == "new" and (m["N"], m["p"], m["chunk"]) == (n, p, chunk)]
         numbers = [re.findall(r"\d+(?:\.\d+)?", c) for c in cells[3:]]
-        assert _printed(numbers[0][0], m["kept_MiB"]) and _printed(numbers[1][0], m["kept_formula_MiB"]), row
-        assert _printed(numbers[2][0], m["forward_transient_MiB"]), row
-        assert _printed(numbers[3][0], m["backward_transient_MiB"]), row
+        assert printed(numbers[0][0], m["kept_MiB"]) and printed(numbers[1][0], m["kept_formula_MiB"]), row
+        assert printed(numbers[2][0], m["forward_transient_MiB"]), row
+        assert printed(numbers[3][0], m["backward_transient_MiB"]), row
         if not old:
-            assert _printed(numbers[2][1], m["forward_transient_per_Tp"]), row
-            assert _printed(numbers[3][1], m["backward_transient_per_Tp"]), row
+            assert printed(numbers[2][1], m["forward_transient_per_Tp"]), row
+            assert printed(numbers[3][1], m["backward_transient_per_Tp"]), row
 
 
 def test_sweep_tables_in_results_are_the_sweeps_output():
@@ -238,8 +229,8 @@ def test_kernel_time_table_in_performance_is_the_benchmarks_output():
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         [m] = [m for m in data if (m["N"], m["p"], m["dtype"]) == (int(cells[0]), int(cells[1]), cells[2])]
-        assert _printed(cells[3].split()[0], 1000 * m["old_s"]) and _printed(cells[4].split()[0], 1000 * m["new_s"])
-        assert _printed(cells[5], m["new/old"]), row
+        assert printed(cells[3].split()[0], 1000 * m["old_s"]) and printed(cells[4].split()[0], 1000 * m["new_s"])
+        assert printed(cells[5], m["new/old"]), row
 
 
 def test_layer_tables_in_results_are_the_commands_output():
@@ -271,12 +262,12 @@ def test_llm_step_times_in_performance_are_the_benchmarks_output():
                        r"\(([\d.]+)×\)", section.split("docs/results/llm_scale.json", 1)[1])
     assert quoted, "the step-time sentence after the llm_scale.json command"
     for i, variant in enumerate(("plain", "old", "new")):
-        assert _printed(quoted[2 * i + 1], data[variant]["seconds"]), variant
-        assert _printed(quoted[2 * i + 2], data[variant]["ratio"]), variant
+        assert printed(quoted[2 * i + 1], data[variant]["seconds"]), variant
+        assert printed(quoted[2 * i + 2], data[variant]["ratio"]), variant
     memory = json.load(open(os.path.join(DOCS, "results", "llm_scale.json"), encoding="utf-8"))["memory"]
     [new] = [m for m in memory if m["variant"] == "new" and m["checkpointing"] and m["layers"] == "all"]
     kept, rise = re.search(r"kept ([\d.]+)×, forward peak rise ([−\d.]+)×", section).groups()
-    assert _printed(kept, new["kept_ratio"]) and _printed(rise, new["forward_peak_ratio"])
+    assert printed(kept, new["kept_ratio"]) and printed(rise, new["forward_peak_ratio"])
 
 
 def test_penalty_magnitude_in_results_is_the_sweeps_logs():
@@ -301,7 +292,7 @@ def test_penalty_magnitude_in_results_is_the_sweeps_logs():
     want = [mean(r["decorr_loss_log"][0] for r in base), mean(r["decorr_loss_log"][-1] for r in base),
             mean(max(r["decorr_loss_log"]) for r in base),
             mean(r["task_loss_log"][0] for r in base), mean(r["task_loss_log"][-1] for r in base)]
-    assert len(got) == 5 and all(_printed(g, w) for g, w in zip(got, want)), (got, want)
+    assert len(got) == 5 and all(printed(g, w) for g, w in zip(got, want)), (got, want)
     text = " ".join(section.split())
     for weight in ("1", "3", "10"):
         shares = [[float(weight) * d / t for d, t in zip(r["decorr_loss_log"], r["task_loss_log"])]
@@ -312,7 +303,7 @@ def test_penalty_magnitude_in_results_is_the_sweeps_logs():
         values = [v for v in quoted.groups() if v is not None]
         want = [100 * mean(mean(s) for s in shares), 100 * mean(s[0] for s in shares),
                 100 * mean(s[-1] for s in shares)]
-        assert all(_printed(v, w) for v, w in zip(values, want)), (weight, values, want)
+        assert all(printed(v, w) for v, w in zip(values, want)), (weight, values, want)
 
 
 def test_sentence_embedding_tables_in_results_are_the_recipes_output():
@@ -326,7 +317,7 @@ def test_sentence_embedding_tables_in_results_are_the_recipes_output():
     data = json.load(open(os.path.join(folder, "results.json"), encoding="utf-8"))
     page = open(os.path.join(DOCS, "RESULTS.md"), encoding="utf-8").read()
     section = page.split("## 7.", 1)[1].split("\n## ", 1)[0]
-    tables = re.findall(r"(?:^\|.*\|\n)+", source, flags=re.M)
+    tables = markdown_tables(source)
     assert len(tables) == 2 and all(t in section for t in tables)
     assert sorted({r["seed"] for r in data["runs"]}) == [0, 1, 2] and len(data["runs"]) == 12
     text = " ".join(section.split())
@@ -352,7 +343,7 @@ def test_sentence_embedding_tables_in_results_are_the_recipes_output():
     ]
     for pattern, want in checks:
         got = quoted(pattern)
-        assert len(got) == len(want) and all(_printed(g, w) for g, w in zip(got, want)), (pattern, got, want)
+        assert len(got) == len(want) and all(printed(g, w) for g, w in zip(got, want)), (pattern, got, want)
 
     def mean(config: str, key: str) -> float:
         return statistics.fmean(r["eval"][key] for r in data["runs"] if r["config"] == config)
@@ -368,7 +359,7 @@ def test_sentence_embedding_tables_in_results_are_the_recipes_output():
             mean("baseline", "eval_decorr_mapc"), mean("penalty", "eval_decorr_mapc"),
             mean("baseline", "eval_decorr_ud"), mean("penalty", "eval_decorr_ud"),
             mean("baseline", "eval_decorr_pca_ud"), mean("penalty", "eval_decorr_pca_ud")]
-    assert all(_printed(g, w) for g, w in zip(got, want)), (got, want)
+    assert all(printed(g, w) for g, w in zip(got, want)), (got, want)
     low, high = quoted(r"took (\d+\.\d)–(\d+\.\d) s of CPU time")
     cpu = [r["cpu_seconds"] for r in data["runs"]]
-    assert _printed(low, min(cpu)) and _printed(high, max(cpu))
+    assert printed(low, min(cpu)) and printed(high, max(cpu))

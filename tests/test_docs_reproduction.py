@@ -9,8 +9,7 @@ import re
 import statistics
 
 import pytest
-from conftest import REPO_ROOT
-from test_docs_figures import _printed
+from conftest import REPO_ROOT, markdown_tables, printed
 
 DOCS = os.path.join(REPO_ROOT, "docs")
 N = r"(\d+(?:\.\d+)?)"  # a number as printed (a full stop after it is not part of it)
@@ -37,10 +36,6 @@ def _kept(experiment: str) -> tuple[str, dict]:
     return open(os.path.join(folder, "results.md"), encoding="utf-8").read(), data
 
 
-def _tables(markdown: str) -> list[str]:
-    return [t.rstrip("\n") for t in re.findall(r"(?:^\|.*\|\n)+", markdown, flags=re.M)]
-
-
 def _find(pattern: str, text: str) -> tuple[str, ...]:
     match = re.search(pattern, text)
     assert match, f"the page no longer says {pattern!r}"
@@ -58,7 +53,7 @@ def _find(pattern: str, text: str) -> tuple[str, ...]:
 def test_reproduction_tables_are_the_runs_tables(section, experiment, headers):
     source, _ = _kept(experiment)
     text = _section(section)
-    tables = _tables(source)
+    tables = markdown_tables(source)
     used = 0
     for header in headers:
         table = [t for t in tables if t.startswith(header)][headers[:used].count(header)]
@@ -78,38 +73,38 @@ def test_reproduction_experiment_1_prose_is_the_runs_values():
     quoted = _find(r"TdV per draw ([\d., ]+)\)", text)[0].split(", ")
     tdv = [r["tdv"] for r in sorted(data["runs"], key=lambda r: r["draw"]) if r["penalty"] == "cov_l1"
            and r["weight"] == best]
-    assert len(quoted) == len(tdv) == 10 and all(_printed(q, v) for q, v in zip(quoted, tdv))
+    assert len(quoted) == len(tdv) == 10 and all(printed(q, v) for q, v in zip(quoted, tdv))
     # the MSE ratio test
     none_mse, ratio_best, ratio_min = _find(
         r"exactly \(MSE ([\d.e-]+), float32 round-off\), so the ratio is " + E + r" at λ = [\d.]+ "
         r"and ≥ " + E, text)
-    assert _printed(none_mse, summary[("none", 0.0)]["mse_mean"])
+    assert printed(none_mse, summary[("none", 0.0)]["mse_mean"])
     ratios = {w["weight"]: w["mse_ratio_of_means"] for w in claim["per_weight"]}
-    assert _printed(ratio_best, ratios[best]) and _printed(ratio_min, min(ratios.values()))
+    assert printed(ratio_best, ratios[best]) and printed(ratio_min, min(ratios.values()))
     mse, rel = _find(r"the cost is tiny \(([\d.e-]+), i.e. ([\d.e-]+) of the mean", text)
-    assert _printed(mse, summary[("cov_l1", best)]["mse_mean"])
-    assert _printed(rel, summary[("cov_l1", best)]["rel_mse_mean"])
-    assert _printed(_find(r"training \(([\d.e-]+) at λ = 1 after 80 epochs", text)[0],
+    assert printed(mse, summary[("cov_l1", best)]["mse_mean"])
+    assert printed(rel, summary[("cov_l1", best)]["rel_mse_mean"])
+    assert printed(_find(r"training \(([\d.e-]+) at λ = 1 after 80 epochs", text)[0],
                     {(s["penalty"], s["weight"]): s for s in long["summary"]}[("cov_l1", 1.0)]["mse_mean"])
     # L1 at equal MSE
     l1 = claim["l1_comparison"]
     values = _find(r"gives TdV " + N + r" vs " + N + r" and CVR " + N + r" vs " + N + r"", text)
     want = (l1["tdv_l1_at_equal_mse"], l1["tdv_cov_l1"], l1["cvr_l1_at_equal_mse"], l1["cvr_cov_l1"])
-    assert all(_printed(v, w) for v, w in zip(values, want)) and l1["l1_worse"]
+    assert all(printed(v, w) for v, w in zip(values, want)) and l1["l1_worse"]
     low, high = _find(r"MAPC among active units " + N + r"–" + N + r" across the grid", text)
     l1_active = [s["mapc_active_mean"] for s in data["summary"] if s["penalty"] == "l1"]
-    assert _printed(low, min(l1_active)) and _printed(high, max(l1_active))
+    assert printed(low, min(l1_active)) and printed(high, max(l1_active))
     # convergence over the last quarter
     median, largest, changed, runs = _find(
         r"TdV moved by " + N + r" \(median\) and at most " + N + r", and UD_90% changed in (\d+) of (\d+) runs", text)
     moves = [abs(r["last_quarter_dtdv"]) for r in data["runs"]]
-    assert _printed(median, statistics.median(moves)) and _printed(largest, max(moves))
+    assert printed(median, statistics.median(moves)) and printed(largest, max(moves))
     assert (int(changed), int(runs)) == (sum(r["last_quarter_ud_changed"] for r in data["runs"]), len(data["runs"]))
     # plain MAPC against MAPC among the active units at λ = 1
     plain0, plain1, active1 = _find(r"barely falls \(" + N + r" → " + N + r" at λ = 1\).*?falls to " + N + r"\.", text)
-    assert _printed(plain0, summary[("none", 0.0)]["mapc_mean"])
-    assert _printed(plain1, summary[("cov_l1", 1.0)]["mapc_mean"])
-    assert _printed(active1, summary[("cov_l1", 1.0)]["mapc_active_mean"])
+    assert printed(plain0, summary[("none", 0.0)]["mapc_mean"])
+    assert printed(plain1, summary[("cov_l1", 1.0)]["mapc_mean"])
+    assert printed(active1, summary[("cov_l1", 1.0)]["mapc_active_mean"])
 
 
 def test_reproduction_80_epoch_check_is_the_runs_values():
@@ -125,7 +120,7 @@ def test_reproduction_80_epoch_check_is_the_runs_values():
             [run] = [r for r in data["runs"] if r["draw"] == 0 and r["penalty"] == "cov_l1"
                      and f"{r['weight']:.3g}" == cells[0]]
             mse, tdv, ud, cvr = cell.split(" / ")
-            assert _printed(mse, run["mse"]) and _printed(tdv, run["tdv"]) and _printed(cvr, run["cvr"]), row
+            assert printed(mse, run["mse"]) and printed(tdv, run["tdv"]) and printed(cvr, run["cvr"]), row
             assert int(ud) == run["ud"], row
     flat = _flat(text)
     summary = {(s["penalty"], s["weight"]): s for s in long["summary"]}
@@ -133,15 +128,15 @@ def test_reproduction_80_epoch_check_is_the_runs_values():
               "l1": _find(r"while L1's stays at " + N + r"–" + N + r"", flat)}
     for penalty, (low, high) in quoted.items():
         cvr = [s["cvr_mean"] for (p, w), s in summary.items() if p == penalty and w >= 0.05]
-        assert _printed(low, min(cvr)) and _printed(high, max(cvr)), penalty
+        assert printed(low, min(cvr)) and printed(high, max(cvr)), penalty
     claim = long["claim"]
     assert _find(r"the claim already holds from λ = " + N + r" \((\d)/2 draws\)", flat) == (
         f"{claim['recommended_weight']:.3g}", str(claim["at_recommended"]["draws_passing"]))
     l1 = claim["l1_comparison"]
     values = _find(r"L1 is still worse at equal MSE \(TdV " + N + " vs " + N + ", CVR " + N + " vs " + N + r"\)", flat)
     want = (l1["tdv_l1_at_equal_mse"], l1["tdv_cov_l1"], l1["cvr_l1_at_equal_mse"], l1["cvr_cov_l1"])
-    assert all(_printed(v, w) for v, w in zip(values, want))
-    assert _printed(_find(r"2× MSE test still fails \(" + E + r"×\)", flat)[0],
+    assert all(printed(v, w) for v, w in zip(values, want))
+    assert printed(_find(r"2× MSE test still fails \(" + E + r"×\)", flat)[0],
                     claim["at_recommended"]["mse_ratio_of_means"])
 
 
@@ -154,20 +149,20 @@ def test_reproduction_experiment_3_prose_is_the_runs_values():
         return 100 * (summary[(penalty, weight)]["mse_mean"] / base - 1)
 
     text = _flat(_section("3."))
-    assert _printed(_find(r"MSE cost \(([+\d.]+)%, well within", text)[0], change("cov_l1", 0.08))
-    assert _printed(_find(r"at a higher MSE \(([+\d.]+)%, the paper", text)[0], change("l1", 0.08))
-    assert _printed(_find(r"λ = 0.3: MSE [\d.]+, ([+\d.]+)%, CVR", text)[0], change("l1", 0.3))
+    assert printed(_find(r"MSE cost \(([+\d.]+)%, well within", text)[0], change("cov_l1", 0.08))
+    assert printed(_find(r"at a higher MSE \(([+\d.]+)%, the paper", text)[0], change("l1", 0.08))
+    assert printed(_find(r"λ = 0.3: MSE [\d.]+, ([+\d.]+)%, CVR", text)[0], change("l1", 0.3))
     low, high = _find(r"none and L_Σ runs \(([−+\d.]+)% to ([+\d.]+)%\)", text)
     changes = [change("cov_l1", w) for (p, w) in summary if p == "cov_l1"]
-    assert _printed(low, min(changes)) and _printed(high, max(changes))
+    assert printed(low, min(changes)) and printed(high, max(changes))
     first, last = _find(r"between (\d+) and (\d+) epochs", text)
     epochs = [r["epochs"] for r in data["runs"] if r["penalty"] in ("none", "cov_l1")]
     assert (int(first), int(last)) == (min(epochs), max(epochs))
     summary_row = _flat(_page().split("## Summary", 1)[1].split("\n## ", 1)[0])
-    assert _printed(_find(r"UD 41.7 → [\d.]+, MSE ([+\d.]+)% \(within", summary_row)[0], change("cov_l1", 0.08))
+    assert printed(_find(r"UD 41.7 → [\d.]+, MSE ([+\d.]+)% \(within", summary_row)[0], change("cov_l1", 0.08))
     values = _find(r"λ = 0.08: MSE ([+\d.]+)% .*?λ = 0.3: MSE ([+\d.]+)% \(L_Σ at 0.3: ([+\d.]+)%\)", summary_row)
     want = (change("l1", 0.08), change("l1", 0.3), change("cov_l1", 0.3))
-    assert all(_printed(v, w) for v, w in zip(values, want))
+    assert all(printed(v, w) for v, w in zip(values, want))
 
 
 def test_reproduction_timings_are_the_runs_own():
@@ -177,4 +172,4 @@ def test_reproduction_timings_are_the_runs_own():
         [row] = [r for r in table.splitlines() if f"--output_dir results/paper/{experiment}`" in r
                  or f"--output_dir results/paper/{experiment} " in r]
         wall, cpu = re.findall(r"\| " + N + r" s", row)
-        assert _printed(wall, data["timing"]["wall_s"]) and _printed(cpu, data["timing"]["cpu_s"]), experiment
+        assert printed(wall, data["timing"]["wall_s"]) and printed(cpu, data["timing"]["cpu_s"]), experiment
