@@ -4,8 +4,9 @@
 covariance (``1/(N−1)``) of a layer's activations over the batch.
 """
 
+from ._compat import deepspeed_process_state
 from .callbacks import DecorrFigureCallback
-from .capture import CapturedCall, HiddenStateCapture, find_block_stacks, resolve_layers
+from .capture import CapturedCall, HiddenStateCapture, LayerChoice, find_block_stacks, resolve_layers
 from .config import (
     DECORR_CONFIG_NAME,
     DecorrConfig,
@@ -13,6 +14,7 @@ from .config import (
     DecorrTrainingArguments,
 )
 from .errors import DecorrError, DivergenceError
+from .layouts import SequenceLayout, register_layout, to_positions
 from .metrics import CovarianceAccumulator, decorrelation_metrics
 from .penalties import PENALTIES, Penalty, decorrelation_penalty, get_penalty, masked_covariance, register_penalty
 from .pooling import MissingMaskError, mask_from_inputs, pool_hidden
@@ -48,7 +50,12 @@ __all__ = [
     "MissingMaskError",
     "find_block_stacks",
     "resolve_layers",
+    "LayerChoice",
+    "SequenceLayout",
+    "register_layout",
+    "to_positions",
     "pool_hidden",
     "mask_from_inputs",
     "fake_quantize",
+    "deepspeed_process_state",
 ]

@@ -25,6 +25,22 @@ nothing on the others, so it can be deleted once the oldest supported version no
   set (5.19+), else ``(model_accepts_loss_kwargs and num_items_in_batch is not None) or
   compute_loss_func is not None``. The penalty must be divided exactly when the Trainer will not,
   so this mirrors that rule (read in transformers 5.24 / 5.25).
+* :func:`hidden_state_classes` — transformers 5.x models that record their outputs with hooks declare,
+  in the private class attribute ``_can_record_outputs``, which module classes produce the
+  ``hidden_states`` (a class, an ``OutputRecorder`` with ``target_class``, or a list of them; read in
+  transformers 5.25: 2 of 3 registered task models declare it). The block-stack rule uses it to leave out
+  stacks that do not carry hidden states (the convolutional feature encoder of wav2vec2 beside its
+  transformer layers). A model that declares nothing, or a version that drops the attribute, falls
+  back to the shape rules alone.
+* :func:`deepspeed_process_state`, :func:`deepspeed_miscounts_processes` — accelerate (read in 1.16.0) starts a
+  DeepSpeed run with ``PartialState(use_deepspeed)``, which on a machine without accelerators gets no backend:
+  DeepSpeed's own process group has every process (gloo, through its CPU accelerator), but accelerate records
+  ``num_processes == 1`` and rank 0 everywhere, so the Trainer does not shard the data (each process reads every
+  row) and ``train_batch_size: "auto"`` fails DeepSpeed's batch check. The supported way around it is a state
+  configured before the arguments: ``PartialState(backend="gloo")`` with ``ACCELERATE_USE_DEEPSPEED=true``, and
+  ``TrainingArguments(accelerator_config={"use_configured_state": True})``, which makes the Trainer use it
+  (:func:`deepspeed_process_state` does the first). The trainer refuses a mis-counted run
+  (:func:`deepspeed_miscounts_processes`). Tested in tests/test_deepspeed.py.
 * :func:`total_grad_norm` — the gradient norm through ``torch.nn.utils.get_total_norm`` (one
   foreach pass; torch 2.6+, the declared floor), float16 tensors measured in float32.
 """
@@ -48,6 +64,9 @@ __all__ = [
     "sync_gradients_now",
     "trainer_divides_loss",
     "total_grad_norm",
+    "hidden_state_classes",
+    "deepspeed_process_state",
+    "deepspeed_miscounts_processes",
 ]
 
 #: the first accelerate release whose ``prepare_model`` skips a model marked ``_is_accelerate_prepared``
@@ -174,3 +193,45 @@ def trainer_divides_loss(trainer: Any, num_items_in_batch: Any) -> bool:
             trainer.compute_loss_func is not None
         )
     return not scaled
+
+
+def hidden_state_classes(model: Any) -> tuple[type, ...]:
+    """The module classes that ``model`` and its sub-models declare as producing ``hidden_states``
+    (``_can_record_outputs``, transformers 5.x); empty when none declares any."""
+    found: list[type] = []
+    for module in model.modules():
+        declared = getattr(type(module), "_can_record_outputs", None)
+        if not isinstance(declared, dict):
+            continue
+        value = declared.get("hidden_states")
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            target = item if isinstance(item, type) else getattr(item, "target_class", None)
+            if isinstance(target, type) and target not in found:
+                found.append(target)
+    return tuple(found)
+
+
+def deepspeed_process_state(backend: str = "gloo") -> Any:
+    """Configure accelerate's process state for DeepSpeed on CPU processes, before the training arguments.
+
+    Returns the ``PartialState`` (every process counted, DeepSpeed's process group on ``backend``). Pass
+    ``accelerator_config={"use_configured_state": True}`` to the arguments so that the Trainer uses it. A state
+    left by an earlier run in the same process is reset first (accelerate's ``AcceleratorState._reset_state``,
+    as ``TrainingArguments`` itself does when it builds a new state).
+    """
+    import os
+
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return PartialState(backend=backend)
+
+
+def deepspeed_miscounts_processes(trainer: Any) -> bool:
+    """Whether a DeepSpeed run has more processes in its process group than accelerate counts (see above)."""
+    import torch.distributed as dist
+
+    return bool(getattr(trainer, "is_deepspeed_enabled", False) and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > trainer.accelerator.num_processes)

@@ -12,11 +12,22 @@ PEFT wrapper, so names look like ``bert.encoder.layer.5``):
   component and ``**`` across components: ``model.layers.*.mlp``, ``encoder.block.*``,
   ``**.mlp``, or an exact name such as ``code``.
 
-A *block stack* is found without per-architecture tables: it is an ``nn.ModuleList`` whose
-children all have the same class and own parameters, not nested inside another such list,
-and holding at least half as many parameters as the largest one. That finds
-``bert.encoder.layer``, ``transformer.h``, ``model.layers``, ``vit.layers`` (ViT) and both
-``encoder.block`` and ``decoder.block`` of T5.
+A *block stack* is found without per-architecture tables: it is an ``nn.ModuleList`` of *blocks*
+(modules that own parameters, are not containers such as another ``nn.ModuleList``, and are not
+embedding tables), either all of one class or, in hybrid stacks (attention beside linear-attention
+or Mamba layers), of several classes that each have sub-modules; not nested inside another stack;
+and holding at least half as many parameters as the largest stack. That finds
+``bert.encoder.layer``, ``transformer.h``, ``model.layers`` (hybrid ones included), ``vit.layers``
+(ViT), both ``encoder.block`` and ``decoder.block`` of T5, and the stages of convolutional networks,
+never the 50 xpath-embedding tables of MarkupLM. Where the model declares which module classes
+produce its ``hidden_states`` (transformers 5.x, :func:`hf_decorr._compat.hidden_state_classes`),
+stacks that hold none of them are left out (the convolutional feature encoder of wav2vec2).
+
+Towers that do not run. A multimodal model fine-tuned on text holds stacks (a vision or audio
+tower) that the batch never runs. When ``decorr_layers`` uses block stacks and the model has more
+than one candidate stack, the choice is *settled by the first forward pass*
+(:class:`LayerChoice`): the blocks of every candidate stack are recorded once, the stacks none
+of whose blocks ran are left out, and the size rule is applied to the stacks that ran.
 """
 
 from __future__ import annotations
@@ -24,16 +35,21 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ._compat import hidden_state_classes
+
 __all__ = [
     "BlockStack",
     "CapturedCall",
     "HiddenStateCapture",
+    "LayerChoice",
+    "candidate_stacks",
+    "uses_stacks",
     "call_inputs",
     "decoder_side",
     "find_block_stacks",
@@ -63,29 +79,61 @@ def _num_params(module: nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
-def find_block_stacks(model: nn.Module) -> list[BlockStack]:
-    """The model's stacks of repeated blocks (see the module docstring for the rule)."""
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+_TABLES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _is_table(module: nn.Module) -> bool:
+    """An embedding table, or a module whose parameters all belong to embedding tables."""
+    if isinstance(module, _TABLES):
+        return True
+    tables = [m for m in module.modules() if isinstance(m, _TABLES)]
+    return bool(tables) and sum(_num_params(t) for t in tables) == _num_params(module)
+
+
+def _is_block(module: nn.Module) -> bool:
+    return not isinstance(module, _CONTAINERS) and _num_params(module) > 0 and not _is_table(module)
+
+
+def _is_stack(module: nn.Module) -> bool:
+    if not isinstance(module, nn.ModuleList) or len(module) == 0 or not all(_is_block(c) for c in module):
+        return False
+    if len({type(child) for child in module}) == 1:
+        return True
+    # a hybrid stack: blocks of several classes, each a composite module (not a bare Linear or Conv)
+    return all(any(True for _ in child.children()) for child in module)
+
+
+def candidate_stacks(model: nn.Module) -> list[tuple[BlockStack, int]]:
+    """Every outermost stack of blocks with its parameter count, before the size rule (module docstring)."""
     candidates: list[tuple[str, nn.ModuleList, int]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        kinds = {type(child) for child in module}
-        if len(kinds) != 1:
-            continue
-        size = _num_params(module)
-        if size == 0:
-            continue
-        candidates.append((name, module, size))
+        if _is_stack(module):
+            candidates.append((name, module, _num_params(module)))
     # keep the outermost stacks only (T5Block.layer lives inside encoder.block, for instance)
     outer = [c for c in candidates if not any(c[0].startswith(o[0] + ".") for o in candidates if o is not c)]
+    # where the model declares which modules produce its hidden states, only stacks holding them carry them
+    declared = hidden_state_classes(model)
+    if declared:
+        carrying = [c for c in outer if any(isinstance(m, declared) for m in c[1].modules())]
+        outer = carrying or outer
+    return [(BlockStack(name, tuple(f"{name}.{i}" if name else str(i) for i in range(len(module)))), size)
+            for name, module, size in outer]
+
+
+def find_block_stacks(model: nn.Module, ran: Collection[str] | None = None) -> list[BlockStack]:
+    """The model's stacks of repeated blocks (see the module docstring for the rule).
+
+    ``ran``: the names of the stacks that ran in a forward pass; the others are left out before the
+    size rule is applied (:class:`LayerChoice`).
+    """
+    outer = candidate_stacks(model)
+    if ran is not None:
+        outer = [(stack, size) for stack, size in outer if stack.name in ran]
     if not outer:
         return []
-    largest = max(size for _, _, size in outer)
-    return [
-        BlockStack(name, tuple(f"{name}.{i}" if name else str(i) for i in range(len(module))))
-        for name, module, size in outer
-        if size * 2 >= largest
-    ]
+    largest = max(size for _, size in outer)
+    return [stack for stack, size in outer if size * 2 >= largest]
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
@@ -147,13 +195,15 @@ def _index(stack: BlockStack, index: int, spec: str, model: nn.Module, stacks: S
     return stack.blocks[index]
 
 
-def resolve_layers(model: nn.Module, specs: Iterable[str]) -> list[str]:
+def resolve_layers(model: nn.Module, specs: Iterable[str],
+                   stacks: Sequence[BlockStack] | None = None) -> list[str]:
     """Turn ``decorr_layers`` specs into module names of ``model`` (ordered, without repeats).
 
-    Raises ``ValueError`` naming ``decorr_layers`` and listing what exists when a spec
-    matches nothing or an index is out of range.
+    ``stacks``: the block stacks that ``last``, ``all`` and indices refer to (default:
+    :func:`find_block_stacks`). Raises ``ValueError`` naming ``decorr_layers`` and listing what
+    exists when a spec matches nothing or an index is out of range.
     """
-    stacks = find_block_stacks(model)
+    stacks = find_block_stacks(model) if stacks is None else list(stacks)
     names = dict(model.named_modules())
     resolved: list[str] = []
 
@@ -197,10 +247,80 @@ def resolve_layers(model: nn.Module, specs: Iterable[str]) -> list[str]:
     return unique
 
 
+def uses_stacks(specs: Iterable[str]) -> bool:
+    """Whether any ``decorr_layers`` spec refers to block stacks (``last``, ``all``, ``-1``, ``encoder:0``)."""
+    return any(spec in ("last", "all") or _INDEX.match(spec) or _QUALIFIED_INDEX.match(spec)
+               for spec in (str(raw).strip() for raw in specs))
+
+
+@dataclass
+class LayerChoice:
+    """``decorr_layers`` resolved on a model; settled by the first forward pass when a tower may not run.
+
+    When the specs use block stacks and the model has several candidate stacks (a multimodal model:
+    a vision or audio tower beside the language model), which of them carry the batch's hidden states
+    is only known once the model has run: until then the choice is *pending* and :attr:`names` holds
+    the blocks of every candidate stack. The first forward pass records :meth:`probe_names`;
+    :meth:`settle` then keeps the stacks that ran (the size rule applied among them).
+
+    Attributes:
+        specs: the ``decorr_layers`` specs.
+        names: the module names to penalise (while pending: those of every candidate stack).
+        stack_of: block name → the name of its stack, for every block of every candidate stack.
+        pending: the first forward pass has not settled the choice yet.
+    """
+
+    specs: tuple[str, ...]
+    names: list[str]
+    stack_of: dict[str, str]
+    pending: bool = False
+
+    @classmethod
+    def resolve(cls, model: nn.Module, specs: Iterable[str]) -> LayerChoice:
+        """Resolve ``specs`` on ``model``; pending when they use stacks and there are several candidates."""
+        specs = tuple(str(spec).strip() for spec in specs)
+        candidates = [stack for stack, _ in candidate_stacks(model)]
+        stack_of = {block: stack.name for stack in candidates for block in stack.blocks}
+        pending = uses_stacks(specs) and len(candidates) > 1
+        names = resolve_layers(model, specs, stacks=candidates if pending else None)
+        return cls(specs, names, stack_of, pending)
+
+    def probe_names(self) -> list[str]:
+        """What the first forward pass records: the layers, and every block of every candidate stack."""
+        return list(dict.fromkeys([*self.names, *self.stack_of]))
+
+    def settle(self, model: nn.Module, ran: Collection[str]) -> str | None:
+        """Keep the stacks of which a block is in ``ran`` (the modules that ran in the first forward pass).
+
+        Returns one line naming what was chosen and what was left out (``None`` when nothing was pending);
+        ``ValueError`` naming ``decorr_layers`` when none of the stacks ran.
+        """
+        if not self.pending:
+            return None
+        ran_stacks = {self.stack_of[name] for name in ran if name in self.stack_of}
+        every = list(dict.fromkeys(self.stack_of.values()))
+        stacks = find_block_stacks(model, ran=ran_stacks)
+        if not stacks:
+            raise ValueError(
+                f"decorr_layers={list(self.specs)}: none of the block stacks ({', '.join(every)}) ran in the first "
+                "forward pass; name the modules to penalise (a module-name glob such as 'model.layers.*')"
+            )
+        self.names = resolve_layers(model, self.specs, stacks=stacks)
+        self.pending = False
+        chosen = [stack.name for stack in stacks]
+        left = [name for name in every if name not in chosen]
+        line = (f"decorr_layers={list(self.specs)}: penalising {', '.join(self.names)} "
+                f"(block stacks {', '.join(chosen)})")
+        if left:
+            line += f"; left out: {', '.join(left)} (did not run on the first batch, or under half the largest size)"
+        return line
+
+
 def decoder_side(model: nn.Module, names: Iterable[str]) -> dict[str, bool]:
-    """Per module name, whether it is on the decoder side of an encoder-decoder model (a ``decoder*`` component)."""
+    """Per module name, whether it is on the decoder side of an encoder-decoder model (a dotted component that
+    contains ``decoder``: ``decoder.block.0``, SeamlessM4T's ``text_decoder.layers.0``)."""
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    return {name: encoder_decoder and any(part.startswith("decoder") for part in name.split(".")) for name in names}
+    return {name: encoder_decoder and any("decoder" in part for part in name.split(".")) for name in names}
 
 
 def first_tensor(output: object, min_dim: int = 0) -> torch.Tensor | None:
@@ -208,7 +328,8 @@ def first_tensor(output: object, min_dim: int = 0) -> torch.Tensor | None:
 
     A tensor is returned as is; a ``ModelOutput`` (or any mapping) gives its
     ``last_hidden_state`` or else its first tensor value; a tuple or list gives its first
-    tensor element. ``min_dim`` skips tensors of fewer dimensions (the model's own output,
+    tensor element (looking into nested tuples, as in ``((hidden,), height, width)``). ``min_dim``
+    skips tensors of fewer dimensions (the model's own output,
     :data:`ROOT`, is read with 2: its 0-d ``loss`` comes first). ``None`` when there is none.
     """
     if isinstance(output, torch.Tensor):
@@ -225,6 +346,10 @@ def first_tensor(output: object, min_dim: int = 0) -> torch.Tensor | None:
     for value in values:
         if isinstance(value, torch.Tensor) and value.dim() >= min_dim:
             return value
+        if isinstance(value, (tuple, list)):  # a nested tuple: ((hidden,), height, width) in PVT-v2
+            nested = first_tensor(value, min_dim)
+            if nested is not None:
+                return nested
     return None
 
 
@@ -307,6 +432,10 @@ class HiddenStateCapture:
         self.output_keys = dict(output_keys or {})
         self.mode = "off"
         self.ran_without_grad: set[str] = set()
+        #: modules recorded only to know whether they ran (a first pass's probe): an output without a tensor
+        #: is then noted in :attr:`ran_only` instead of raising
+        self.lenient: set[str] = set()
+        self.ran_only: set[str] = set()
         self.calls: list[CapturedCall] = []
         self._orphans: dict[bool, CapturedCall] = {}  # outputs outside any call of the root, by autograd state
         self._depth = 0
@@ -363,6 +492,7 @@ class HiddenStateCapture:
     def clear(self) -> None:
         """Forget the recorded calls (the hooks stay as they are)."""
         self.ran_without_grad.clear()
+        self.ran_only.clear()
         self.calls.clear()
         self._orphans = {}
 
@@ -427,7 +557,13 @@ class HiddenStateCapture:
                 return
             self._recorded_mode = self.mode
             grad = torch.is_grad_enabled()
-            tensor = self.tensor_of(name, module, output)
+            if name in self.lenient:
+                tensor = first_tensor(output)
+                if tensor is None:
+                    self.ran_only.add(name)
+                    return
+            else:
+                tensor = self.tensor_of(name, module, output)
             if self.mode == "train" and not grad:
                 self.ran_without_grad.add(name)
             if self._depth > 0 and self.calls:
@@ -445,12 +581,17 @@ class HiddenStateCapture:
             if self.mode == "eval" and call.inputs is None:
                 call.outputs[name] = tensor.detach()  # the last output wins, as in a single pass
                 return
+            if name in call.no_grad_layers and grad and self.mode == "train":
+                # ran without autograd first (a no-grad refinement loop), now with it: this output trains
+                call.no_grad_layers.discard(name)
+                call.outputs[name] = tensor
+                return
             if name in call.outputs:
                 if not self._warned_repeat:
                     self._warned_repeat = True
                     warnings.warn(
                         f"decorr_layers: module {name!r} ran more than once in one forward call of the model; the "
-                        "penalty uses its first output of that call",
+                        "penalty uses its first output of that call (the first with autograd in training)",
                         stacklevel=2,
                     )
                 return

@@ -12,7 +12,7 @@ device, and at λ > 0 that it still depends on the layer's output), with message
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from ._compat import checkpointing_option
 from .capture import CapturedCall
 from .errors import DecorrError
+from .layouts import DEFAULT_LAYOUT, SequenceLayout, to_positions
 from .pooling import MissingMaskError, mask_from_inputs, mask_like_keys, pool_hidden
 
 __all__ = ["DecorrSamples", "SamplesFn", "default_samples", "call_samples", "assemble_samples", "check_trainable",
@@ -62,12 +63,24 @@ class DecorrSamples:
 
 
 def default_samples(layer: str, output: torch.Tensor, inputs: Mapping[str, Any], *, pooling: str, mask_source: str,
-                    decoder: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The trainer's default samples of one call: the mask named by ``mask_source`` (``decorr_mask``), pooled
-    per ``pooling`` (``decorr_pooling``); ``MissingMaskError`` when a ``(B, T, p)`` output has no mask while the
-    inputs hold keys that look like one (padding is never counted as samples)."""
-    mask = mask_from_inputs(inputs, decoder_side=decoder, source=mask_source)
-    if mask is None and output.dim() == 3:
+                    decoder: bool = False, layout: SequenceLayout = DEFAULT_LAYOUT
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The trainer's default samples of one call: the output as batch positions
+    (:func:`hf_decorr.layouts.to_positions`: feature maps, sequence-first, internally padded, prefixed and
+    downsampled layouts, per ``layout``), the mask named by ``mask_source`` (``decorr_mask``) mapped onto them,
+    pooled per ``pooling`` (``decorr_pooling``).
+    ``MissingMaskError`` when a ``(B, T, p)`` output has no mask while the inputs hold keys that look like one
+    (padding is never counted as samples)."""
+    if output.dim() >= 4 and (layout.unmasked or output.shape[1] != _mask_length(inputs, decoder, mask_source)):
+        if pooling in ("first", "last"):
+            raise ValueError(
+                f"decorr_pooling={pooling!r} takes one position of a sequence, but the output of {layer!r} is a "
+                f"feature map of shape {tuple(output.shape)}; use decorr_pooling='tokens' (one sample per position, "
+                "the channels are the units) or 'mean' (one per example)"
+            )
+        return pool_hidden(to_positions(output, None, layer)[0], None, pooling, layer)
+    mask = None if layout.unmasked else mask_from_inputs(inputs, decoder_side=decoder, source=mask_source)
+    if mask is None and output.dim() == 3 and not layout.unmasked:
         candidates = mask_like_keys(inputs, decoder_side=decoder)
         if candidates:
             raise MissingMaskError(
@@ -76,7 +89,16 @@ def default_samples(layer: str, output: torch.Tensor, inputs: Mapping[str, Any],
                 f"that look like masks: {candidates}. Padding is never counted as samples: pass the mask to the "
                 "model as attention_mask, or override decorr_samples to choose it"
             )
-    return pool_hidden(output, mask, pooling, layer)
+    hidden, mask = to_positions(output, mask, layer, layout)
+    return pool_hidden(hidden, mask, pooling, layer)
+
+
+def _mask_length(inputs: Mapping[str, Any], decoder: bool, mask_source: str) -> int | None:
+    try:
+        mask = mask_from_inputs(inputs, decoder_side=decoder, source=mask_source)
+    except ValueError:
+        return None
+    return mask.shape[-1] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 def no_autograd_message(name: str) -> str:
@@ -141,6 +163,7 @@ def call_samples(
     need_grad: bool = False,
     ran_without_grad: set[str] | frozenset[str] = frozenset(),
     warn: Callable[[str, str], None] | None = None,
+    absent_ok: Collection[str] = frozenset(),
 ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None, bool]]]:
     """``layer → [(x, mask, pooled) per call]``: ``samples_fn`` on every recorded output, with its call's inputs.
 
@@ -153,6 +176,8 @@ def call_samples(
             (``False``): such a layer is skipped for the batch with a warning (``warn(key, message)``).
         need_grad: λ > 0: samples must depend differentiably on the layer's output.
         ran_without_grad: layers that ran only without autograd (named in the error).
+        absent_ok: layers that may not run in a pass, even when ``strict`` (left out of the result): the
+            trainer's layers of known width (LayerDrop, a tower that some batches do not use).
     """
     out: dict[str, list[tuple[torch.Tensor, torch.Tensor | None, bool]]] = {}
     for name in layer_names:
@@ -180,6 +205,8 @@ def call_samples(
                 mask = mask.to(device=x.device, dtype=torch.bool)
             parts.append((x, mask, hidden.dim() == 2 or pooling != "tokens"))
         if not seen:
+            if name in absent_ok:
+                continue
             if strict and name in ran_without_grad:
                 raise DecorrError(no_autograd_message(name))
             if strict:

@@ -43,11 +43,13 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import unwrap_peft_model
 
-from ._compat import sync_gradients_now, trainer_divides_loss, undo_eval_only_prepare
-from .capture import CapturedCall, HiddenStateCapture, decoder_side, modules_by_name, resolve_layers
+from ._compat import deepspeed_miscounts_processes, sync_gradients_now, trainer_divides_loss, undo_eval_only_prepare
+from .capture import CapturedCall, HiddenStateCapture, LayerChoice
 from .config import DecorrConfig, DecorrSeq2SeqTrainingArguments, DecorrTrainingArguments, check_base_order
 from .engine import PenaltyEngine, layer_weights
+from .errors import DecorrError
 from .evaluation import add_eval_samples, metrics_from_statistics, padded_batch_rows
+from .layouts import DEFAULT_LAYOUT
 from .metrics import CovarianceAccumulator
 from .model_card import CARD_TAGS, MODEL_TAG, trainer_model_card, write_model_card
 from .monitor import DivergenceCallback, DivergenceMonitor, LogWindow, weights_nonfinite
@@ -61,6 +63,7 @@ from .samples import (
     check_trainable,
     default_samples,
 )
+from .selection import PenalisedLayers, processes_union
 
 __all__ = ["DecorrTrainerMixin", "DecorrTrainer", "DecorrSeq2SeqTrainer", "DecorrSamples", "MODEL_TAG"]
 
@@ -101,6 +104,14 @@ def _check_arguments(trainer: Trainer) -> None:
             f"got {type(trainer.args).__name__}"
         )
     trainer.args.validate_decorr()  # the settings may have been changed since the arguments were built
+    if deepspeed_miscounts_processes(trainer):
+        raise DecorrError(
+            f"DeepSpeed runs {torch.distributed.get_world_size()} processes but accelerate counts "
+            f"{trainer.accelerator.num_processes} (a machine without accelerators), so every process would read "
+            "every row and decorr_sync='global' would take the covariance over duplicated rows: call "
+            "hf_decorr.deepspeed_process_state() before building the arguments and pass "
+            "accelerator_config={'use_configured_state': True} (docs/DISTRIBUTED.md)"
+        )
     if getattr(trainer.args, "n_gpu", 1) > 1:
         raise ValueError(
             "hf_decorr does not support torch.nn.DataParallel (several GPUs in one process): its replicas run the "
@@ -158,8 +169,7 @@ class DecorrTrainerMixin:
         self.decorr_penalty_spec = self.decorr_engine.configured
         self._decorr_capture: HiddenStateCapture | None = None
         self._decorr_hooked: nn.Module | None = None
-        self._decorr_layer_names: list[str] = []
-        self._decorr_decoder_side: dict[str, bool] = {}
+        self._decorr_layers: PenalisedLayers | None = None
         self._decorr_window = LogWindow()
         self._decorr_eval_stats: dict[str, CovarianceAccumulator] | None = None
         self._decorr_warned: set[str] = set()
@@ -248,12 +258,14 @@ class DecorrTrainerMixin:
         Returns:
             ``(x, mask)``: floating samples ``x (N, p)`` (at λ > 0, a differentiable function of ``output``)
             and their validity ``mask`` (bool or 0/1 integers, ``(N,)``; ``None``: every row is valid); rows
-            whose mask is false are left out of every sum. The default takes the mask named by
-            ``decorr_mask`` (the attention mask, or ``labels != -100``; ``decoder_attention_mask`` on the
-            decoder side of an encoder-decoder model) and pools per ``decorr_pooling``.
+            whose mask is false are left out of every sum. The default lays the output out as the batch's positions
+            (:func:`hf_decorr.to_positions`: feature maps, sequence-first, padded or downsampled layers), maps onto
+            them the mask named by ``decorr_mask`` (the attention mask, or ``labels != -100``;
+            ``decoder_attention_mask`` on the decoder side) and pools per ``decorr_pooling``.
         """
-        return default_samples(layer, output, inputs, pooling=self.args.decorr_pooling,
-                               mask_source=self.args.decorr_mask, decoder=self._decorr_decoder_side.get(layer, False))
+        side, layouts, args = self._decorr_layers.decoder_side, self._decorr_layers.layouts, self.args
+        return default_samples(layer, output, inputs, pooling=args.decorr_pooling, mask_source=args.decorr_mask,
+                               decoder=side.get(layer, False), layout=layouts.get(layer, DEFAULT_LAYOUT))
 
     def decorr_penalty(self, covariance: torch.Tensor) -> torch.Tensor:
         """The penalty of a covariance: ``C (..., p, p) → (...)``, one value per leading index. Can be overridden.
@@ -286,11 +298,12 @@ class DecorrTrainerMixin:
 
         Returns ``(names, output_keys)``: module names (relative to ``model``, in order) and, for a module
         that returns a mapping rather than a tensor, the key of its hidden-state tensor
-        (sentence-transformers modules return a features dict). The default is
-        :func:`hf_decorr.capture.resolve_layers` and no keys. Integrations whose models name their layers
-        differently override this (:mod:`hf_decorr.sentence_transformers`). Called once per model object.
+        (sentence-transformers modules return a features dict). The default: :meth:`hf_decorr.LayerChoice.resolve`'s
+        names (with several candidate stacks, all of them until the first forward pass keeps those that ran) and no
+        keys; an override's own names are used as they are (:mod:`hf_decorr.sentence_transformers`). Called once per
+        model object.
         """
-        return resolve_layers(model, self.args.decorr_layers), {}
+        return LayerChoice.resolve(model, self.args.decorr_layers).names, {}
 
     # ---- layers and hooks ------------------------------------------------------------------
 
@@ -299,23 +312,20 @@ class DecorrTrainerMixin:
         return unwrap_peft_model(self.accelerator.unwrap_model(model, keep_torch_compile=False))
 
     def _decorr_prepare(self, model: nn.Module) -> nn.Module:
-        """Resolve ``decorr_layers`` on ``model`` (once per model object); the hooks are attached per pass."""
+        """Resolve ``decorr_layers`` on ``model`` once per model object (:class:`~hf_decorr.selection.PenalisedLayers`,
+        settled by the first forward pass); the hooks are attached per pass."""
         base = self._decorr_unwrap(model)
-        if self._decorr_hooked is base:
-            return base
-        names, output_keys = self.decorr_resolve_layers(base)
-        modules = modules_by_name(base)
-        self._decorr_layer_names = names
-        self._decorr_decoder_side = decoder_side(base, names)
-        self._decorr_capture = HiddenStateCapture({name: modules[name] for name in names}, root=base,
-                                                  output_keys=output_keys)
-        self._decorr_hooked = base
+        if self._decorr_hooked is not base:
+            names, output_keys = self.decorr_resolve_layers(base)
+            self._decorr_layers = PenalisedLayers.resolve(base, self.args.decorr_layers, names,
+                                                          self.args.decorr_pooling)
+            self._decorr_capture, self._decorr_hooked = self._decorr_layers.capture(output_keys), base
         return base
 
     @property
     def decorr_layer_names(self) -> list[str]:
         """Names of the penalised modules, relative to the unwrapped model."""
-        return list(self._decorr_layer_names)
+        return list(self._decorr_layers.names) if self._decorr_layers is not None else []
 
     def remove_decorr_hooks(self) -> None:
         """Remove any hook of this trainer from the model (they exist only during a forward pass anyway)."""
@@ -331,21 +341,22 @@ class DecorrTrainerMixin:
 
     def _decorr_step_samples(self, active: bool, loss: torch.Tensor, inputs) -> tuple[list, list, bool]:
         """This micro-batch's recorded calls (leaves when replayed), their samples, and whether it replays."""
-        capture = self._decorr_capture
+        capture, layers, rows = self._decorr_capture, self._decorr_layers, self.args.per_device_train_batch_size
         calls = capture.sample_calls()
         replay = needs_replay(active, calls)
         try:
             if replay:
-                calls = replay_leaves(calls, loss, self._decorr_layer_names)
+                calls = replay_leaves(calls, loss, layers.names)
             elif active:
                 check_trainable(calls)
             else:
                 calls = [CapturedCall(c.inputs, c.grad, {n: h.detach() for n, h in c.outputs.items()}) for c in calls]
-            parts = call_samples(calls, inputs, self._decorr_layer_names, self.decorr_samples, strict=True,
-                                 pooling=self.args.decorr_pooling, need_grad=active,
-                                 ran_without_grad=capture.ran_without_grad, warn=self._decorr_warn_once)
-            return calls, assemble_samples(parts, decoder_side=self._decorr_decoder_side,
-                                           pooled_rows_bound=self.args.per_device_train_batch_size), replay
+            parts = call_samples(calls, inputs, layers.names, self.decorr_samples, strict=True,
+                                 pooling=self.args.decorr_pooling, need_grad=active, warn=self._decorr_warn_once,
+                                 ran_without_grad=capture.ran_without_grad,
+                                 absent_ok=layers.widths.keys() - capture.ran_without_grad)
+            samples = assemble_samples(parts, decoder_side=layers.decoder_side, pooled_rows_bound=rows)
+            return calls, layers.complete(samples, loss.device, rows, self._decorr_warn_once), replay
         finally:
             capture.clear()
 
@@ -359,13 +370,14 @@ class DecorrTrainerMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         replay, self._decorr_replay = self._decorr_replay, None
-        check_replay(replay, self._decorr_layer_names)
+        check_replay(replay, self.decorr_layer_names)
         with self._decorr_capture.recording("train"):
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
+        self._decorr_layers.settle_first(self._decorr_capture, processes_union(self.accelerator, self.args.device))
         loss, outputs = result if return_outputs else (result, None)
         step = self.state.global_step
-        weights = layer_weights(self._decorr_layer_names, self.decorr_layer_weight, step)
+        weights = layer_weights(self.decorr_layer_names, self.decorr_layer_weight, step)
         active = any(w > 0 for w in weights)
         calls, samples, replay = self._decorr_step_samples(active, loss, inputs)
         self._decorr_micro = (step, self._decorr_micro[1] + 1 if self._decorr_micro[0] == step else 0)
@@ -441,7 +453,7 @@ class DecorrTrainerMixin:
             gather = None
             if self.accelerator.num_processes > 1:
                 gather = lambda values: self.accelerator.gather(values.unsqueeze(0)).mean(dim=0)
-            values, few = window.flush(self.state.global_step, self._decorr_layer_names,
+            values, few = window.flush(self.state.global_step, self.decorr_layer_names,
                                        self.args.decorr_log_per_layer, gather)
             logs.update(values)
             if few:
@@ -459,9 +471,10 @@ class DecorrTrainerMixin:
         self._decorr_prepare(model)
         with self._decorr_capture.recording("eval"):
             result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **kwargs)
+        self._decorr_layers.settle_first(self._decorr_capture, processes_union(self.accelerator, self.args.device))
         calls = self._decorr_capture.sample_calls()
         self._decorr_capture.clear()
-        parts = call_samples(calls, inputs, self._decorr_layer_names, self.decorr_samples,
+        parts = call_samples(calls, inputs, self.decorr_layer_names, self.decorr_samples,
                              pooling=self.args.decorr_pooling, strict=False, warn=self._decorr_warn_once)
         add_eval_samples(stats, parts, *padded_batch_rows(self.accelerator, inputs), warn=self._decorr_warn_once)
         return result
@@ -490,7 +503,7 @@ class DecorrTrainerMixin:
         Every process must call this (it runs collectives when there are several).
         """
         metrics, self.decorr_last_eval_covariances = metrics_from_statistics(
-            stats, self._decorr_layer_names, self.accelerator.device, prefix=prefix, top_d=self.args.decorr_top_d,
+            stats, self.decorr_layer_names, self.accelerator.device, prefix=prefix, top_d=self.args.decorr_top_d,
             variance_share=self.args.decorr_variance_share, per_layer=self.args.decorr_log_per_layer,
             warn=self._decorr_warn_once)
         return metrics

@@ -260,3 +260,24 @@ def test_assumption_accelerator_names_its_loss_scaler():
     assert Accelerator(cpu=True).scaler is None, (
         "the assumption of hf_decorr.trainer (accelerator.scaler marks fp16 loss scaling) no longer holds"
     )
+
+
+def test_assumption_models_declare_their_hidden_state_classes():
+    """transformers 5.x: ``_can_record_outputs["hidden_states"]`` names the blocks whose outputs are the hidden
+    states (a class, an OutputRecorder, or a list of them); the block-stack rule relies on it to leave out
+    wav2vec2's convolutional feature encoder, which is larger than a tiny encoder's transformer layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2EncoderLayer
+
+    from hf_decorr.capture import find_block_stacks
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert LlamaDecoderLayer in _compat.hidden_state_classes(llama), "assumption broken: Llama declares no blocks"
+    wav2vec2 = Wav2Vec2ForSequenceClassification(Wav2Vec2Config(hidden_size=16, num_hidden_layers=2,
+                                                                 num_attention_heads=2, intermediate_size=32,
+                                                                 num_conv_pos_embeddings=16))
+    assert Wav2Vec2EncoderLayer in _compat.hidden_state_classes(wav2vec2), "assumption broken: wav2vec2 declares none"
+    assert [s.name for s in find_block_stacks(wav2vec2)] == ["wav2vec2.encoder.layers"]
+    assert _compat.hidden_state_classes(nn.Sequential(nn.Linear(2, 2))) == ()

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...capture import HiddenStateCapture, first_tensor, modules_by_name, resolve_layers
+from ...capture import HiddenStateCapture, LayerChoice, first_tensor, modules_by_name, resolve_layers
+from ...layouts import layout_for
 from ...metrics import CovarianceAccumulator, decorrelation_metrics
-from ...pooling import POOLINGS, mask_from_inputs, pool_hidden
-from ...samples import assemble_samples, call_samples
+from ...pooling import POOLINGS
+from ...samples import assemble_samples, call_samples, default_samples
 from ..data import load_text_datasets, require_columns
 from ..datacheck import refuse_missing_texts
 from ..models import load_pretrained_config, load_tokenizer, resolve_model_path
@@ -53,6 +54,7 @@ __all__ = [
     "load_model",
     "load_texts",
     "resolve_model_layers",
+    "choose_model_layers",
     "tokenized_batches",
     "labels_of",
     "model_batches",
@@ -278,6 +280,18 @@ def tokenizers_for(tokenizers: str | Sequence[str] | None, count: int) -> list[s
     return list(tokenizers)
 
 
+def choose_model_layers(loaded: LoadedModel, specs: Sequence[str], option: str = "--layers") -> LayerChoice:
+    """The trainer's choice of layers (:class:`~hf_decorr.capture.LayerChoice`, settled by the first batch of
+    :class:`LayerSamples` when a tower may not run), its errors as one line naming ``option``."""
+    try:
+        choice = LayerChoice.resolve(loaded.model, specs)
+    except ValueError as err:
+        raise RecipeError(f"{option} {' '.join(specs)}: " + str(err).replace("decorr_layers", option)) from None
+    if not choice.names:
+        raise RecipeError(f"{option} {' '.join(specs)} matches no layer of {loaded.spec!r}")
+    return choice
+
+
 def resolve_model_layers(loaded: LoadedModel, specs: Sequence[str], option: str = "--layers") -> list[str]:
     """``resolve_layers`` with its errors as one line naming ``option``."""
     try:
@@ -416,17 +430,22 @@ class LayerSamples:
 
     Use as a context manager. ``samples(inputs)`` runs the model on ``inputs`` with the hooks of
     :class:`~hf_decorr.capture.HiddenStateCapture` attached, and returns ``{layer: (n_valid, p)}``
-    (each forward call's outputs pooled with ``pooling`` and its own mask, the rows outside the
-    attention mask removed, by :func:`hf_decorr.samples.call_samples`, as the trainer does) and the
-    model's output.
+    (each forward call's outputs laid out and pooled as the trainer's default ``decorr_samples`` does, with
+    the call's own mask, the invalid rows removed, by :func:`hf_decorr.samples.call_samples`) and the
+    model's output. ``names`` may be a :class:`~hf_decorr.capture.LayerChoice`: a pending one is settled by
+    the first batch, as the trainer settles it (:attr:`chosen` then holds the line that says what was chosen).
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], pooling: str) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str] | LayerChoice, pooling: str) -> None:
         modules = modules_by_name(model)
         self.model = model
-        self.names = list(names)
+        self.choice = names if isinstance(names, LayerChoice) else None
+        self.names = list(self.choice.names if self.choice is not None else names)
         self.pooling = pooling
-        self.capture = HiddenStateCapture({name: modules[name] for name in self.names}, root=model)
+        self.chosen: str | None = None
+        probe = self.choice.probe_names() if self.choice is not None and self.choice.pending else self.names
+        self.capture = HiddenStateCapture({name: modules[name] for name in probe if name in modules}, root=model)
+        self.capture.lenient = set(probe) - set(self.names)
 
     def __enter__(self) -> LayerSamples:
         return self
@@ -436,10 +455,23 @@ class LayerSamples:
 
     def _pool(self, name: str, hidden: torch.Tensor, inputs: Mapping[str, Any]):
         try:
-            return pool_hidden(hidden, mask_from_inputs(inputs), self.pooling, name)
+            return default_samples(name, hidden, inputs, pooling=self.pooling, mask_source="attention_mask",
+                                   layout=layout_for(self.model, name))
         except ValueError as err:
             raise RecipeError(one_line(err, 400).replace("decorr_pooling", "--pooling")
                               .replace("decorr_layers", "--layers")) from None
+
+    def _settle(self, calls) -> None:
+        if self.choice is None or not self.choice.pending:
+            return
+        ran = set(self.capture.ran_only) | {name for call in calls for name in (*call.outputs, *call.no_grad_layers)}
+        try:
+            self.chosen = self.choice.settle(self.model, ran)
+        except ValueError as err:
+            raise RecipeError(one_line(err, 400).replace("decorr_layers", "--layers")) from None
+        self.names = list(self.choice.names)
+        self.capture.modules = {name: m for name, m in self.capture.modules.items() if name in self.names}
+        self.capture.lenient = set()
 
     @torch.no_grad()
     def samples(self, inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
@@ -450,6 +482,7 @@ class LayerSamples:
                 raise RecipeError(f"the model does not accept the tokenizer's inputs: {one_line(err)}") from None
         try:
             calls = self.capture.sample_calls()
+            self._settle(calls)
             missing = [name for name in self.names if not any(name in call.outputs for call in calls)]
             if missing:
                 raise RecipeError(f"--layers: module {missing[0]!r} did not run in the model's forward pass")

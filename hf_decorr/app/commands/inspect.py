@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ...atomic import atomic_write, staged_directory, write_text_atomic
+from ...capture import LayerChoice
 from ...metrics import CovarianceAccumulator
 from ..outputs import write_json_atomic
 from ..parser import RecipeError, one_line
@@ -42,11 +43,11 @@ from .common import (
     add_tokenizer_argument,
     check_command_output,
     check_figures,
+    choose_model_layers,
     load_model,
     load_texts,
     metrics_row,
     quiet_transformers,
-    resolve_model_layers,
     short_name,
     tokenized_batches,
 )
@@ -72,13 +73,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def stream_statistics(
-    loaded: LoadedModel, names: Sequence[str], texts: Sequence[Any], args: argparse.Namespace
+    loaded: LoadedModel, names: Sequence[str] | LayerChoice, texts: Sequence[Any], args: argparse.Namespace
 ) -> dict[str, CovarianceAccumulator]:
-    """Float64 ``(n, Σh, Σhhᵀ)`` of every layer in ``names`` over ``texts``."""
-    stats = {name: CovarianceAccumulator() for name in names}
+    """Float64 ``(n, Σh, Σhhᵀ)`` of every layer in ``names`` over ``texts`` (a pending
+    :class:`~hf_decorr.capture.LayerChoice` is settled by the first batch, as the trainer settles it; the
+    line that says what was chosen is printed)."""
+    stats: dict[str, CovarianceAccumulator] = {}
     with LayerSamples(loaded.model, names, args.pooling) as layers:
         for _, (inputs,) in tokenized_batches([loaded.tokenizer], texts, args.max_length, args.batch_size):
             samples, _ = layers.samples({k: v.to(loaded.device) for k, v in inputs.items()})
+            if layers.chosen is not None:
+                print(layers.chosen.replace("decorr_layers=", "--layers "))
+                layers.chosen = None
+            for name in layers.names:
+                stats.setdefault(name, CovarianceAccumulator())
             for name, x in samples.items():
                 stats[name].update(x)
     return stats
@@ -235,7 +243,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     figures = check_figures(args.no_figures)
     with quiet_transformers():
         loaded = load_model(args.model, "MODEL", args.device, tokenizer=args.tokenizer)
-    names = resolve_model_layers(loaded, args.layers)
+    names = choose_model_layers(loaded, args.layers)
     rows, text_column = load_texts(args)
     loaded_at = time.perf_counter()
     stats = stream_statistics(loaded, names, rows[text_column], args)
