@@ -38,3 +38,28 @@ def printed(text: str, value: float) -> bool:
 def markdown_tables(text: str) -> list[str]:
     """The markdown tables of ``text``, each as its lines (header, rule, rows) without the final newline."""
     return [t.rstrip("\n") for t in re.findall(r"(?:^\|.*\|\n)+", text, flags=re.M)]
+
+
+# ------------------------------------------------------------- launching worker processes
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a launched worker: offline, one thread, the repository and tests/ importable."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO_ROOT, tests]),
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def check_exit(what: str, returncode: int, stdout: str, stderr: str) -> None:
+    """Fail the test with the tail of a worker's output when it did not exit 0."""
+    if returncode != 0:
+        pytest.fail(f"{what} failed (exit {returncode})\nstdout:\n{stdout[-6000:]}\nstderr:\n{stderr[-12000:]}")

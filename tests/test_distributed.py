@@ -20,7 +20,6 @@ the references are computed here, in this single process, by the same functions 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import time
 import dist_worker as w
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, check_exit, free_port, worker_env
 from tiny_models import tiny_bert
 
 from hf_decorr.distributed import (
@@ -47,16 +46,9 @@ RECIPES = os.path.join(REPO_ROOT, "recipes", "accelerate")
 DDP_RECIPE = os.path.join(RECIPES, "ddp.yaml")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out_dir, parts: str) -> tuple[list[dict], float]:
     """Run the worker on 2 processes; the worker's output is shown if it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.dirname(__file__)]),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = worker_env()
     # the DDP recipe itself, on CPU: 2 processes, gloo (the trainer runs get use_cpu=True)
     worker = os.path.join(os.path.dirname(__file__), "dist_worker.py")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_RECIPE, "--num_processes", "2",
@@ -69,9 +61,7 @@ def launch(out_dir, parts: str) -> tuple[list[dict], float]:
         pytest.fail(f"2-process worker timed out after {LAUNCH_TIMEOUT_S}s\nstdout:\n{exc.stdout}\n"
                     f"stderr:\n{exc.stderr}")
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        pytest.fail(f"2-process worker failed (exit {proc.returncode})\nstdout:\n{proc.stdout[-6000:]}\n"
-                    f"stderr:\n{proc.stderr[-12000:]}")
+    check_exit("2-process worker", proc.returncode, proc.stdout, proc.stderr)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)], seconds
 
 
