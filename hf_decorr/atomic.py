@@ -18,13 +18,13 @@ from typing import IO
 __all__ = ["atomic_write", "write_text_atomic", "staged_directory"]
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], object], binary: bool = False) -> Path:
     """Call ``write(f)`` on a temporary file next to ``path``, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)

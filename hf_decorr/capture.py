@@ -570,9 +570,9 @@ class HiddenStateCapture:
                 call = self.calls[-1]
             else:
                 key = grad and self.mode == "train"
-                call = self._orphans.get(key)
-                if call is None:
-                    call = self._orphans[key] = CapturedCall(None, key)
+                if key not in self._orphans:
+                    self._orphans[key] = CapturedCall(None, key)
+                call = self._orphans[key]
             if self.mode == "train" and call.grad and not grad:
                 # inside a grad-enabled call but without autograd: a reentrant checkpointing region
                 call.no_grad_layers.add(name)

@@ -24,7 +24,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
@@ -76,8 +76,14 @@ def check_base_order(cls: type, mixin: type, base: type, method: str) -> None:
             )
 
 
+if TYPE_CHECKING:  # a mixin of TrainingArguments: type checkers see the fields it is mixed with
+    from transformers import TrainingArguments as _ArgumentsBase
+else:
+    _ArgumentsBase = object
+
+
 @dataclass
-class DecorrConfig:
+class DecorrConfig(_ArgumentsBase):
     """Settings of the covariance penalty ``λ · Σ_layers L_Σ`` (Kågebäck & Mogren 2017)."""
 
     decorr_weight: float = field(

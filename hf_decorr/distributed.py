@@ -235,12 +235,12 @@ def global_covariance_penalties(
     if not penalty.of_covariance:
         raise ValueError(f"penalty {penalty.name!r} is not a function of the covariance")
     if world_size() == 1:
-        values, counts = [], []
+        local_values, local_counts = [], []
         for h, mask, index in items:
             cov, n = lowmem_covariance(h, mask, penalty.correction, index=index, chunk=chunk, precision=precision)
-            values.append(penalty.fn(cov))
-            counts.append(n)
-        return values, counts
+            local_values.append(penalty.fn(cov))
+            local_counts.append(n)
+        return local_values, local_counts
     prepared = []
     with torch.autocast(device_type=items[0][0].device.type, enabled=False):
         for h, mask, index in items:
@@ -249,7 +249,9 @@ def global_covariance_penalties(
         stats = [_local_count_and_mean(h, m, index, c) for h, m, index, c in prepared]
         packed = torch.cat([torch.cat([n.detach().unsqueeze(-1), mean], dim=-1).reshape(-1) for n, mean in stats])
         gathered = _gather_over_ranks(packed, replicated_loss)  # (W, Σ (...)·(1 + p)): one all-gather
-        buckets, current, size = [], [], 0
+        buckets: list[list[int]] = []
+        current: list[int] = []
+        size = 0
         for i, (h, *_rest) in enumerate(prepared):
             layer_bytes = 4 * h.shape[-1] ** 2 * max(1, h[..., 0, 0].numel())
             if current and size + layer_bytes > bucket_bytes:
@@ -301,7 +303,7 @@ def global_covariance_penalties(
             pending = (bucket, summed, work)
         if pending is not None:
             finish(*pending)
-    return values, counts
+    return [v for v in values if v is not None], [c for c in counts if c is not None]
 
 
 def global_penalty_with_count(
@@ -439,7 +441,8 @@ def sum_accumulators(
         if acc is None or acc.empty:
             packed.append(torch.zeros(1 + width + width * width, dtype=torch.float64, device=device))
         else:
-            packed.append(torch.cat([acc.count.reshape(1), acc.sum.reshape(-1), acc.outer.reshape(-1)]).to(device))
+            count, total, outer = acc.statistics()
+            packed.append(torch.cat([count.reshape(1), total.reshape(-1), outer.reshape(-1)]).to(device))
         layout.append((name, width))
     if not packed:
         return out

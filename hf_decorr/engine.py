@@ -94,10 +94,11 @@ def layer_weights(names: Sequence[str], weight_fn: Callable[[str, int], object],
         w = weight_fn(name, step)
         number = (isinstance(w, numbers.Real) and not isinstance(w, bool)) or (
             isinstance(w, torch.Tensor) and w.numel() == 1 and w.is_floating_point())
-        if not number or not float(w) >= 0 or float(w) == math.inf:
+        value = float(w) if number else math.nan  # type: ignore[arg-type]  # a real number or a 0-d tensor
+        if not value >= 0 or value == math.inf:
             raise ValueError(f"decorr_layer_weight({name!r}, {step}) must return a finite float >= 0 (a Python or "
                              f"NumPy number, or a 0-d tensor), got {w!r}")
-        weights.append(float(w))
+        weights.append(value)
     return weights
 
 
@@ -230,7 +231,8 @@ class PenaltyEngine:
             for (i, _), value, count in zip(token_global, results, counts):
                 values[i] = value
                 few.append((count < 2).reshape(1).sum())
-        per_layer = torch.stack(values) if values else torch.zeros(0)
+        done = [v for v in values if v is not None]  # every layer got its value above
+        per_layer = torch.stack(done) if done else torch.zeros(0)
         few_count = torch.stack(few).sum() if few else torch.zeros((), device=per_layer.device)
         return per_layer, few_count
 

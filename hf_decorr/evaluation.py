@@ -47,7 +47,7 @@ def add_eval_samples(stats: dict[str, CovarianceAccumulator], parts_by_layer, ke
     """
     for name, parts in parts_by_layer.items():
         for x, mask, _ in parts:
-            if keep is not None and keep < batch:
+            if keep is not None and batch is not None and keep < batch:
                 rows = x.shape[0]
                 if rows % batch:
                     warn(f"eval-dup-{name}",
@@ -82,7 +82,7 @@ def metrics_from_statistics(
             by_layer[name] = {key: 0.0 if key in ("live_units", "samples") else math.nan for key in METRIC_NAMES}
             continue
         by_layer[name] = decorrelation_metrics(acc.covariance(), top_d=top_d, variance_share=variance_share,
-                                               samples=float(acc.count))
+                                               samples=float(acc.statistics()[0]))
     out: dict[str, float] = {}
     if not by_layer:
         return out, covariances

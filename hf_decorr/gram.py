@@ -103,6 +103,8 @@ def _cuda_tf32(enabled: bool):
     """TF32 on or off for CUDA float32 matmuls inside the block (torch's new ``fp32_precision`` API when present:
     mixing it with the legacy ``allow_tf32`` flag is an error in recent torch)."""
     backend = torch.backends.cuda.matmul
+    old: object
+    value: object
     try:
         old, attr, value = backend.fp32_precision, "fp32_precision", ("tf32" if enabled else "ieee")
     except (AttributeError, RuntimeError):

@@ -89,7 +89,8 @@ def layout_for(model: torch.nn.Module, layer: str) -> SequenceLayout:
     """The layout of module ``layer`` of ``model``: registered for the architecture (:data:`LAYOUTS`, by the
     ``model_type`` of the innermost enclosing module with a ``config``), and ``unmasked`` when that module's
     ``main_input_name`` is an image input (a vision tower, or an image model)."""
-    owner = current = model
+    owner: torch.nn.Module = model
+    current: torch.nn.Module | None = model
     for part in ([] if layer == "." else layer.split(".")):
         current = getattr(current, part, None)
         if current is None:

@@ -84,7 +84,7 @@ class CovarianceAccumulator:
             h = torch.where(m.unsqueeze(-1), h, h.new_zeros(()))
             w = m.to(torch.float64)
         count, total, outer = w.sum(), h.sum(dim=0), h.T @ h
-        if self.count is None:
+        if self.count is None or self.sum is None or self.outer is None:
             self.count, self.sum, self.outer = count, total, outer
             return
         if total.shape != self.sum.shape:
@@ -93,22 +93,28 @@ class CovarianceAccumulator:
         self.sum = self.sum + total
         self.outer = self.outer + outer
 
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(n, Σh (p,), Σhhᵀ (p, p))`` in float64; ``ValueError`` while :attr:`empty`."""
+        if self.count is None or self.sum is None or self.outer is None:
+            raise ValueError("no samples were accumulated")
+        return self.count, self.sum, self.outer
+
     def merge_(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         """Add another accumulator's statistics into this one (in place)."""
         if other.empty:
             return self
+        count, total, outer = other.statistics()
         if self.empty:
-            self.count, self.sum, self.outer = other.count.clone(), other.sum.clone(), other.outer.clone()
+            self.count, self.sum, self.outer = count.clone(), total.clone(), outer.clone()
         else:
-            self.count, self.sum, self.outer = self.count + other.count, self.sum + other.sum, self.outer + other.outer
+            mine = self.statistics()
+            self.count, self.sum, self.outer = mine[0] + count, mine[1] + total, mine[2] + outer
         return self
 
     def covariance(self, correction: int = 1) -> torch.Tensor:
         """``C = (S − s sᵀ/n) / (n − correction)`` in float64; zeros when ``n ≤ correction``."""
-        if self.empty:
-            raise ValueError("no samples were accumulated")
-        n = self.count
-        cov = self.outer - torch.outer(self.sum, self.sum) / n.clamp_min(1)
+        n, total, outer = self.statistics()
+        cov = outer - torch.outer(total, total) / n.clamp_min(1)
         cov = cov / (n - correction).clamp_min(1)
         return torch.where(n > correction, cov, torch.zeros_like(cov))
 

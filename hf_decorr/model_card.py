@@ -104,7 +104,7 @@ def _metrics_tables(metrics: Mapping[str, float], layer_names: Sequence[str]) ->
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(float(v))} |" for k, v in sorted(task.items())]
         lines.append("")
-    decorr = {}
+    decorr: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         if "_decorr_" not in key:
             continue
@@ -158,7 +158,7 @@ def decorr_model_card(
         datasets=[d for d in (datasets or []) if looks_like_hub_id(d)] or None,
         license=license,
     )
-    auto_class = _AUTO_CLASSES.get(task, "AutoModel")
+    auto_class = _AUTO_CLASSES.get(task or "", "AutoModel")
     weight = decorr_settings.get("decorr_weight")
     penalty = decorr_settings.get("decorr_penalty", "cov_l1")
     settings = [
@@ -272,7 +272,7 @@ def trainer_model_card(
         metrics = {k: v for part in latest.values() for k, v in part.items()}
     extra = [tags] if isinstance(tags, str) else list(tags or [])
     extra += [t for t in (getattr(model, "model_tags", None) or []) if t not in tag_names]
-    task = tasks[0] if isinstance(tasks, list) and tasks else tasks
+    task = tasks[0] if isinstance(tasks, list) and tasks else tasks if isinstance(tasks, str) else None
     datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
     if dataset_name:
         datasets.append(dataset_name)

@@ -74,7 +74,7 @@ class LogWindow:
     def add(self, task: torch.Tensor, layers: torch.Tensor, few: torch.Tensor, weight: float, step: int) -> None:
         """One micro-batch: its task loss (already divided as ``training_step`` will), per-layer penalties ``(L,)``,
         count of layers with < 2 samples, mean layer weight, and the optimizer step it belongs to."""
-        if self.micro == 0:
+        if self.micro == 0 or self.task is None or self.layers is None or self.few is None:
             self.task, self.layers, self.few, self.start_step = task, layers, few, step
         else:
             self.task, self.layers, self.few = self.task + task, self.layers + layers, self.few + few
@@ -89,10 +89,12 @@ class LogWindow:
         ``decorr_loss/<layer>`` the mean over its micro-batches, ``decorr_weight`` the mean ``λ_t``;
         ``gather_mean`` averages the values over processes (``None``: one process).
         """
-        values = torch.cat([self.task.reshape(1), self.layers, self.few.float().reshape(1).to(self.task)])
+        if self.task is None or self.layers is None or self.few is None:
+            raise ValueError("LogWindow.flush() before any micro-batch was added")
+        stacked = torch.cat([self.task.reshape(1), self.layers, self.few.float().reshape(1).to(self.task)])
         if gather_mean is not None:
-            values = gather_mean(values)
-        values = values.tolist()
+            stacked = gather_mean(stacked)
+        values: list[float] = stacked.tolist()
         optimizer_steps = max(1, step - (self.start_step or 0))
         layers = [v / self.micro for v in values[1:-1]]
         logs = {

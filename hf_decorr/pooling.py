@@ -107,8 +107,8 @@ def mask_from_inputs(inputs: Mapping[str, object], decoder_side: bool = False, s
     """
     if source not in MASK_SOURCES:
         raise ValueError(f"decorr_mask={source!r} is not valid; choose one of {list(MASK_SOURCES)}")
-    labels = inputs.get("labels")
-    labels = labels if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
+    given = inputs.get("labels")
+    labels = given if isinstance(given, torch.Tensor) and given.dim() == 2 else None
     if decoder_side:
         mask = inputs.get("decoder_attention_mask")
         if mask is None and labels is not None:
@@ -123,5 +123,5 @@ def mask_from_inputs(inputs: Mapping[str, object], decoder_side: bool = False, s
                 "decorr_mask='attention_mask'"
             )
         label_mask = labels != IGNORE_INDEX
-        mask = label_mask if mask is None else label_mask & mask.bool()
+        mask = label_mask if not isinstance(mask, torch.Tensor) else label_mask & mask.bool()
     return mask

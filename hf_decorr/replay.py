@@ -115,7 +115,7 @@ class PenaltyGradientReplay:
                     f"{tuple(tensor.shape)}, but its first pass gave {tuple(grad.shape)}; the penalty's gradient "
                     "cannot be applied (the loss must replay its mini-batches in the order of its first pass)"
                 )
-            if not tensor.requires_grad:
+            if not tensor.requires_grad or self.upstream is None:
                 return
             extra = grad * self.upstream.to(grad.dtype)
             tensor.register_hook(lambda g, extra=extra: g + extra.to(g.dtype))

@@ -135,6 +135,7 @@ class DecorrSentenceTransformerTrainer(DecorrTrainerMixin, SentenceTransformerTr
     evaluation adds ``eval_decorr_*`` metrics over every call of the model on the eval set.
     """
 
+    args: DecorrSentenceTransformerTrainingArguments
     training_args_class = DecorrSentenceTransformerTrainingArguments
     decorr_default_arguments_class = DecorrSentenceTransformerTrainingArguments
 

@@ -36,7 +36,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -97,6 +97,11 @@ def _with_default_arguments(parent_init, args: tuple, kwargs: dict, arguments_cl
     return args, kwargs
 
 
+def _folder_name(path: str | None) -> str:
+    """The name of the folder ``path`` (the default model name of a card)."""
+    return os.path.basename(os.path.abspath(str(path)))
+
+
 def _check_arguments(trainer: Trainer) -> None:
     if not isinstance(trainer.args, DecorrConfig):
         raise TypeError(
@@ -119,7 +124,13 @@ def _check_arguments(trainer: Trainer) -> None:
         )
 
 
-class DecorrTrainerMixin:
+if TYPE_CHECKING:  # a mixin of Trainer: type checkers see the methods it overrides and calls
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class DecorrTrainerMixin(_TrainerBase):
     """Mix into any ``transformers.Trainer`` subclass, *before* it in the bases (see the module docstring).
 
     ``args`` must be a :class:`~hf_decorr.config.DecorrConfig` (e.g. ``DecorrTrainingArguments``);
@@ -135,6 +146,8 @@ class DecorrTrainerMixin:
     """
 
     args: DecorrConfig
+    _decorr_capture: HiddenStateCapture  # set when a model is prepared (_decorr_prepare), as is:
+    _decorr_layers: PenalisedLayers
     #: the class of the arguments built when none are given (``DecorrTrainer(model)``, like ``Trainer(model)``)
     decorr_default_arguments_class: type = DecorrTrainingArguments
     #: On the CPU every operation is synchronous, so nothing is lost by gathering the valid token
@@ -167,9 +180,7 @@ class DecorrTrainerMixin:
             self.args, decorr_penalty_fn, covariance_override=self.decorr_penalty if overridden else None,
             owner=type(self).__name__, warn=self._decorr_warn_once)
         self.decorr_penalty_spec = self.decorr_engine.configured
-        self._decorr_capture: HiddenStateCapture | None = None
         self._decorr_hooked: nn.Module | None = None
-        self._decorr_layers: PenalisedLayers | None = None
         self._decorr_window = LogWindow()
         self._decorr_eval_stats: dict[str, CovarianceAccumulator] | None = None
         self._decorr_warned: set[str] = set()
@@ -185,8 +196,8 @@ class DecorrTrainerMixin:
             self.add_callback(DecorrFigureCallback(self))
         if self.model is not None:
             base = self._decorr_prepare(self.model)
-            if hasattr(base, "add_model_tags"):
-                base.add_model_tags([MODEL_TAG])
+            if callable(tag := getattr(base, "add_model_tags", None)):
+                tag([MODEL_TAG])
 
     # ---- model card ------------------------------------------------------------------------------
 
@@ -220,20 +231,20 @@ class DecorrTrainerMixin:
 
         if not self.is_world_process_zero():
             return
-        model = self._decorr_unwrap(self.model)
+        model = self._decorr_unwrap(self.model) if self.model is not None else None
         if not isinstance(model, PreTrainedModel):
-            given = dict(language=language, license=license, tags=tags, model_name=model_name,
+            given: dict[str, Any] = dict(language=language, license=license, tags=tags, model_name=model_name,
                          finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags, dataset=dataset,
                          dataset_args=dataset_args)
             return super().create_model_card(**{k: v for k, v in given.items() if v is not None})
         card = trainer_model_card(
             model=model, settings=self.args.decorr_dict(), penalty=self.decorr_penalty_spec,
             layer_names=self.decorr_layer_names, log_history=self.state.log_history, tag_names=self._tag_names,
-            model_name=model_name or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)),
+            model_name=model_name or self.args.hub_model_id or _folder_name(self.args.output_dir),
             finetuned_from=finetuned_from, tasks=tasks, dataset=dataset, dataset_name=dataset_name, tags=tags,
             license=license, metrics=metrics, **card_options,
         )
-        write_model_card(output_dir if output_dir is not None else self.args.output_dir, card)
+        write_model_card(output_dir if output_dir is not None else str(self.args.output_dir), card)
 
     # ---- override points -----------------------------------------------------------------------
 
@@ -325,13 +336,13 @@ class DecorrTrainerMixin:
     @property
     def decorr_layer_names(self) -> list[str]:
         """Names of the penalised modules, relative to the unwrapped model."""
-        return list(self._decorr_layers.names) if self._decorr_layers is not None else []
+        return list(self._decorr_layers.names) if hasattr(self, "_decorr_layers") else []
 
     def remove_decorr_hooks(self) -> None:
         """Remove any hook of this trainer from the model (they exist only during a forward pass anyway)."""
         if self._decorr_replay is not None:
             self._decorr_replay.disarm()
-        if self._decorr_capture is not None:
+        if hasattr(self, "_decorr_capture"):
             self._decorr_capture.detach()
 
     def _decorr_warn_once(self, key: str, message: str) -> None:
@@ -518,7 +529,7 @@ class DecorrTrainerMixin:
         self.decorr_raise_if_diverged(weights=True, collective=False)
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
-            self.args.save_decorr_config(output_dir if output_dir is not None else self.args.output_dir)
+            self.args.save_decorr_config(output_dir if output_dir is not None else str(self.args.output_dir))
 
 
 class DecorrTrainer(DecorrTrainerMixin, Trainer):

@@ -18,6 +18,7 @@ tokens' labels to -100, so ``decorr_mask="labels"`` takes the completion tokens 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 try:
     from trl import SFTConfig, SFTTrainer
@@ -44,3 +45,13 @@ class DecorrSFTTrainer(DecorrTrainerMixin, SFTTrainer):
     _tag_names = [*SFTTrainer._tag_names, *CARD_TAGS]
 
     decorr_default_arguments_class = DecorrSFTConfig
+
+    def create_model_card(  # type: ignore[override]  # TRL's parameter order, which its users call
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``SFTTrainer.create_model_card(model_name, dataset_name, tags)`` in TRL's order, writing hf_decorr's card
+        (:meth:`~hf_decorr.trainer.DecorrTrainerMixin.create_model_card`, whose other parameters are accepted as
+        keywords)."""
+        DecorrTrainerMixin.create_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags,
+                                             **kwargs)

@@ -81,6 +81,10 @@ def test_trl_sft_trainer(tmp_path):
     values = logged(trainer, "decorr_loss")
     assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
     assert logged(trainer, "mean_token_accuracy")  # TRL's own metrics still logged
+    # TRL's create_model_card(model_name, dataset_name, tags), positionally: hf_decorr's card with those values
+    trainer.create_model_card("tiny-sft", "my-texts", ["extra-tag"])
+    card = (tmp_path / "README.md").read_text()
+    assert "tiny-sft" in card and "my-texts" in card and "extra-tag" in card and "decorr_weight" in card
 
 
 def sst2_rows(n: int) -> list[dict]:

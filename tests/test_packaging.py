@@ -120,3 +120,13 @@ def test_the_compatibility_table_shows_the_tested_lower_bounds():
         assert name in rows, f"docs/COMPATIBILITY.md has no row for {name}"
         assert Version(rows[name][0]) == pin, f"docs/COMPATIBILITY.md: lowest {name} is {rows[name][0]}, tested {pin}"
         assert Version(rows[name][1]) >= pin
+
+
+def test_the_package_is_marked_typed():
+    """py.typed ships (package data), so users' type checkers read the annotations; .ci/run runs mypy on them and
+    checks that the wheel holds the marker (scripts/wheel_smoke.py)."""
+    assert os.path.exists(os.path.join(REPO_ROOT, "hf_decorr", "py.typed"))
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        pyproject = tomllib.load(f)
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["hf_decorr"]
+    assert pyproject["tool"]["mypy"]["files"] == ["hf_decorr"]

@@ -72,7 +72,7 @@ class Truncation:
     def apply(self, x: np.ndarray, k: int) -> np.ndarray:
         if not 1 <= k <= x.shape[1]:
             raise ValueError(f"k={k} must be between 1 and the embedding width {x.shape[1]}")
-        if self.method == "pca":
+        if self.method == "pca" and self.basis is not None:
             return (x - self.mean) @ self.basis[:, :k]
         return x[:, self.order[:k]]
 
@@ -115,6 +115,8 @@ def probe_accuracy(
         accuracy = float((probe.predict(xs["dev"]) == dev[1]).mean())
         if best is None or accuracy > best[0]:
             best = (accuracy, c, probe)
+    if best is None:
+        raise ValueError("c_grid is empty: give at least one value of C")
     accuracy, c, probe = best
     test_accuracy = float("nan")
     if test is not None:

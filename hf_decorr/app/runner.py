@@ -186,13 +186,13 @@ class Experiment:
         self.training_args = training_args
         self.model_args = model_args
         self.trust_remote_code = trust_remote_code
-        self.tokenizer = None
+        self.tokenizer: Any = None
         self.push, self.hub_model_id, self.hub_token = take_push_settings(training_args)
         # before any data is read: the output folder can be written, the checkpoint to resume from exists
         check_output_dir(training_args.output_dir)
         self.resume = parse_resume(training_args.resume_from_checkpoint)
         self.output = StagedOutput(training_args.output_dir)
-        self.new_model_config = None
+        self.new_model_config: Any = None
         self.eval_covariances: dict[str, dict] = {}  # run → {layer: C (p, p)} of its final evaluation (figures)
         config_file = getattr(model_args, "model_config", None)
         if model_args.model_name_or_path:
@@ -349,7 +349,7 @@ class Experiment:
             print(f"written: {os.path.join(output_dir, 'comparison.md')} and comparison.json; "
                   f"wall time {wall_time:.0f} s", flush=True)
         print(f"output complete: {output_dir}", flush=True)
-        if self.push:
+        if self.push and self.hub_model_id:  # take_push_settings refuses --push_to_hub without --hub_model_id
             folder = list(results.values())[-1]["model_dir"]  # the penalised run when comparing
             summary["push"] = push_final_model(folder, self.hub_model_id, self.hub_token, self.training_args)
         return summary

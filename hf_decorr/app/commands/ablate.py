@@ -127,11 +127,12 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 samples, output = capture.samples(inputs)
                 acc.update(samples[layer])
                 correct += int((output.logits.argmax(dim=-1).cpu() == labels[batch_rows]).sum())
-        if acc.empty or float(acc.count) < 2:
+        if acc.empty or float(acc.statistics()[0]) < 2:
             raise RecipeError(f"layer {layer!r} got fewer than 2 samples")
         metrics = metrics_row(acc)
         variance = torch.diagonal(acc.covariance()).cpu()
-        mean = (acc.sum / acc.count).cpu()
+        count, total, _ = acc.statistics()
+        mean = (total / count).cpu()
         runs.append({"name": name, "model": model.spec, "layer": layer, "width": int(variance.numel()),
                      "ud": int(metrics["ud"]), "mapc": metrics["mapc"], "full_accuracy": correct / len(labels),
                      "_order": torch.argsort(-variance, stable=True), "_mean": mean, "_batches": batches,

@@ -211,10 +211,10 @@ def load_model(spec: str, option: str, device: str = "auto", sequence_classifier
                 f"{option}={spec!r} is not a sequence classifier (its architectures: "
                 f"{', '.join(architectures) or '?'}); ablate needs a fine-tuned …ForSequenceClassification checkpoint"
             )
-        cls = transformers.AutoModelForSequenceClassification
+        cls: Any = transformers.AutoModelForSequenceClassification
     else:
-        cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
-        cls = cls or transformers.AutoModel
+        found = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+        cls = found if found is not None else transformers.AutoModel
     try:
         model = cls.from_pretrained(path, config=config)
     except Exception as err:  # noqa: BLE001 - a checkpoint that cannot be loaded is bad input
@@ -273,7 +273,7 @@ def tokenizers_for(tokenizers: str | Sequence[str] | None, count: int) -> list[s
     if isinstance(tokenizers, str):
         return [tokenizers] * count
     if len(tokenizers) == 1:
-        return list(tokenizers) * count
+        return [tokenizers[0]] * count
     if len(tokenizers) != count:
         raise RecipeError(f"{TOKENIZER_OPTION} gives {len(tokenizers)} tokenizers for {count} models; give one for "
                           "every model, or one per model")
@@ -440,7 +440,7 @@ class LayerSamples:
         modules = modules_by_name(model)
         self.model = model
         self.choice = names if isinstance(names, LayerChoice) else None
-        self.names = list(self.choice.names if self.choice is not None else names)
+        self.names = list(names.names if isinstance(names, LayerChoice) else names)
         self.pooling = pooling
         self.chosen: str | None = None
         probe = self.choice.probe_names() if self.choice is not None and self.choice.pending else self.names
@@ -522,10 +522,9 @@ class PairedStatistics:
         """``‖Y_cᵀX_c‖_F² / (‖X_cᵀX_c‖_F ‖Y_cᵀY_c‖_F)`` from the sums; NaN if a layer is constant."""
         if self.cross is None:
             raise ValueError("no samples were accumulated")
-        n = self.x.count
-        sx, sy = self.x.sum, self.y.sum
-        sxx = self.x.outer - torch.outer(sx, sx) / n
-        syy = self.y.outer - torch.outer(sy, sy) / n
+        (n, sx, xx), (_, sy, yy) = self.x.statistics(), self.y.statistics()
+        sxx = xx - torch.outer(sx, sx) / n
+        syy = yy - torch.outer(sy, sy) / n
         syx = self.cross - torch.outer(sy, sx) / n
         denominator = float(torch.linalg.matrix_norm(sxx) * torch.linalg.matrix_norm(syy))
         if not denominator > 0:
@@ -537,7 +536,7 @@ def metrics_row(acc: CovarianceAccumulator) -> dict[str, float]:
     """One layer's row of the commands' tables: the paper's metrics of the float64 statistics ``acc``
     (``decorrelation_metrics`` with the trainer's defaults). Not :func:`hf_decorr.app.reporting.layer_metrics`,
     which picks a recipe's per-layer values out of ``trainer.evaluate()`` metrics."""
-    return decorrelation_metrics(acc.covariance(), samples=float(acc.count))
+    return decorrelation_metrics(acc.covariance(), samples=float(acc.statistics()[0]))
 
 
 # --------------------------------------------------------------------------------------------- outputs

@@ -96,9 +96,10 @@ def layer_records(stats: Mapping[str, CovarianceAccumulator]) -> list[dict[str, 
     """One record per layer: index, name, width and the metrics."""
     records = []
     for i, (name, acc) in enumerate(stats.items()):
-        if acc.empty or float(acc.count) < 2:
-            raise ValueError(f"layer {name!r} got {0 if acc.empty else int(acc.count)} sample(s); at least 2 needed")
-        records.append({"index": i, "layer": name, "width": int(acc.width), **metrics_row(acc)})
+        count = 0 if acc.empty else int(acc.statistics()[0])
+        if count < 2:
+            raise ValueError(f"layer {name!r} got {count} sample(s); at least 2 needed")
+        records.append({"index": i, "layer": name, "width": int(acc.statistics()[1].shape[-1]), **metrics_row(acc)})
     return records
 
 
