@@ -3,7 +3,7 @@
 Every workaround here names the versions that need it (read from their sources) and does
 nothing on the others, so it can be deleted once the oldest supported version no longer needs it.
 
-* :func:`undo_eval_only_prepare` — accelerate ≥ 1.14 (``prepare_model`` returns a model marked
+* `undo_eval_only_prepare()` — accelerate ≥ 1.14 (``prepare_model`` returns a model marked
   ``_is_accelerate_prepared`` unchanged, huggingface/accelerate#3977) with transformers' Trainer
   (``evaluation_loop`` prepares a model that no training has prepared with
   ``prepare_model(model, evaluation_mode=True)``, which under DDP does not wrap it but marks it
@@ -11,38 +11,40 @@ nothing on the others, so it can be deleted once the oldest supported version no
   skip the DDP wrapper, and the processes silently stop averaging their gradients. Read in
   accelerate 1.14.0 / 1.15.0 and transformers 5.24.0; accelerate ≤ 1.13 wraps it again and
   needs nothing.
-* :data:`CHECKPOINTING_RENAMES`, :func:`checkpointing_option`, :func:`checkpointing_args` —
+* `CHECKPOINTING_RENAMES`, `checkpointing_option()`, `checkpointing_args()` —
   ``TrainingArguments.activation_checkpointing[_kwargs]`` is the name in transformers 5.24, where
   ``gradient_checkpointing[_kwargs]`` is a deprecated alias (a ``FutureWarning``, removal in v6);
   transformers 5.17 / 5.18 have only ``gradient_checkpointing[_kwargs]``. Code and configs use the
   new name; these map it to the old one where the installed transformers lacks it.
-* :func:`sync_gradients_now` — transformers' training loop marks the last micro-batch of each
+* `sync_gradients_now()` — transformers' training loop marks the last micro-batch of each
   optimizer step by setting accelerate's ``GradientState.sync_gradients`` *before* calling
   ``training_step`` (5.25 sets it by hand for each micro-batch; earlier 5.x through
   ``accelerator.accumulate``). The divergence guard reads the complete, unclipped gradients there.
-* :func:`trainer_divides_loss` — ``Trainer.training_step`` divides the loss that ``compute_loss``
+* `trainer_divides_loss()` — ``Trainer.training_step`` divides the loss that ``compute_loss``
   returns by the accumulation steps unless it is "already scaled": ``loss_is_scaled_for_ga`` when
   set (5.19+), else ``(model_accepts_loss_kwargs and num_items_in_batch is not None) or
   compute_loss_func is not None``. The penalty must be divided exactly when the Trainer will not,
   so this mirrors that rule (read in transformers 5.24 / 5.25).
-* :func:`hidden_state_classes` — transformers 5.x models that record their outputs with hooks declare,
+* `hidden_state_classes()` — transformers 5.x models that record their outputs with hooks declare,
   in the private class attribute ``_can_record_outputs``, which module classes produce the
   ``hidden_states`` (a class, an ``OutputRecorder`` with ``target_class``, or a list of them; read in
   transformers 5.25: 2 of 3 registered task models declare it). The block-stack rule uses it to leave out
   stacks that do not carry hidden states (the convolutional feature encoder of wav2vec2 beside its
   transformer layers). A model that declares nothing, or a version that drops the attribute, falls
   back to the shape rules alone.
-* :func:`deepspeed_process_state`, :func:`deepspeed_miscounts_processes` — accelerate (read in 1.16.0) starts a
+* [`deepspeed_process_state()`][hf_decorr.deepspeed_process_state], `deepspeed_miscounts_processes()` — accelerate
+  (read in 1.16.0) starts a
   DeepSpeed run with ``PartialState(use_deepspeed)``, which on a machine without accelerators gets no backend:
   DeepSpeed's own process group has every process (gloo, through its CPU accelerator), but accelerate records
   ``num_processes == 1`` and rank 0 everywhere, so the Trainer does not shard the data (each process reads every
   row) and ``train_batch_size: "auto"`` fails DeepSpeed's batch check. The supported way around it is a state
   configured before the arguments: ``PartialState(backend="gloo")`` with ``ACCELERATE_USE_DEEPSPEED=true``, and
   ``TrainingArguments(accelerator_config={"use_configured_state": True})``, which makes the Trainer use it
-  (:func:`deepspeed_process_state` does the first). The trainer refuses a mis-counted run
-  (:func:`deepspeed_miscounts_processes`). Tested in tests/test_deepspeed.py.
-* :func:`total_grad_norm` — the gradient norm through ``torch.nn.utils.get_total_norm`` (one
-  foreach pass; torch 2.6+, the declared floor), float16 tensors measured in float32.
+  ([`deepspeed_process_state()`][hf_decorr.deepspeed_process_state] does the first). The trainer refuses a mis-counted
+  run
+  (`deepspeed_miscounts_processes()`). Tested in tests/test_deepspeed.py.
+* `total_grad_norm()` — the gradient norm through ``torch.nn.utils.get_total_norm`` (one
+  foreach pass; torch 2.6+; the declared floor is 2.7.1), float16 tensors measured in float32.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def accelerate_version() -> version.Version:
 
 
 def needs_eval_prepare_undo(accelerate: str | version.Version | None = None) -> bool:
-    """Whether ``accelerate`` (default: the installed one) needs :func:`undo_eval_only_prepare`.
+    """Whether ``accelerate`` (default: the installed one) needs `undo_eval_only_prepare()`.
 
     Pre-releases of 1.14 (``1.14.0.dev0``) count as 1.14: the guard landed before the release.
     """
@@ -93,7 +95,7 @@ def needs_eval_prepare_undo(accelerate: str | version.Version | None = None) -> 
 def undo_eval_only_prepare(trainer: Any) -> Iterator[None]:
     """Around ``Trainer.evaluation_loop``: forget an evaluation-only ``prepare_model`` before training.
 
-    When the installed accelerate needs it (:func:`needs_eval_prepare_undo`), the trainer runs on
+    When the installed accelerate needs it (`needs_eval_prepare_undo()`), the trainer runs on
     several processes without DeepSpeed or FSDP, is not training, and its model has not been
     prepared yet, then after the evaluation the model's ``_is_accelerate_prepared`` mark and its
     entry in ``accelerator._models`` are removed, so that ``train()`` prepares (DDP-wraps) it.

@@ -1,6 +1,6 @@
 """``DecorrFigureCallback``: the penalised layers' covariance as images in TensorBoard and W&B.
 
-At each evaluation, :class:`~hf_decorr.trainer.DecorrTrainerMixin` keeps every penalised
+At each evaluation, [`DecorrTrainerMixin`][hf_decorr.DecorrTrainerMixin] keeps every penalised
 layer's float64 covariance ``C (p, p)`` over the whole evaluation set in
 ``trainer.decorr_last_eval_covariances`` (the statistics behind ``eval_decorr_*``). This
 callback turns each into two images, logged at the current ``global_step`` through the
@@ -58,7 +58,7 @@ class DecorrFigureCallback(TrainerCallback):
     """Log the heat map and the variance spectrum of each penalised layer at every evaluation.
 
     Args:
-        trainer: the :class:`~hf_decorr.trainer.DecorrTrainer` (or any trainer with the mixin)
+        trainer: the [`DecorrTrainer`][hf_decorr.DecorrTrainer] (or any trainer with the mixin)
             whose ``decorr_last_eval_covariances`` are drawn.
         max_units: the heat maps show at most this many units (those of largest variance).
 

@@ -20,13 +20,13 @@ and holding at least half as many parameters as the largest stack. That finds
 ``bert.encoder.layer``, ``transformer.h``, ``model.layers`` (hybrid ones included), ``vit.layers``
 (ViT), both ``encoder.block`` and ``decoder.block`` of T5, and the stages of convolutional networks,
 never the 50 xpath-embedding tables of MarkupLM. Where the model declares which module classes
-produce its ``hidden_states`` (transformers 5.x, :func:`hf_decorr._compat.hidden_state_classes`),
+produce its ``hidden_states`` (transformers 5.x, `hf_decorr._compat.hidden_state_classes()`),
 stacks that hold none of them are left out (the convolutional feature encoder of wav2vec2).
 
 Towers that do not run. A multimodal model fine-tuned on text holds stacks (a vision or audio
 tower) that the batch never runs. When ``decorr_layers`` uses block stacks and the model has more
 than one candidate stack, the choice is *settled by the first forward pass*
-(:class:`LayerChoice`): the blocks of every candidate stack are recorded once, the stacks none
+([`LayerChoice`][hf_decorr.LayerChoice]): the blocks of every candidate stack are recorded once, the stacks none
 of whose blocks ran are left out, and the size rule is applied to the stacks that ran.
 """
 
@@ -125,7 +125,7 @@ def find_block_stacks(model: nn.Module, ran: Collection[str] | None = None) -> l
     """The model's stacks of repeated blocks (see the module docstring for the rule).
 
     ``ran``: the names of the stacks that ran in a forward pass; the others are left out before the
-    size rule is applied (:class:`LayerChoice`).
+    size rule is applied ([`LayerChoice`][hf_decorr.LayerChoice]).
     """
     outer = candidate_stacks(model)
     if ran is not None:
@@ -157,7 +157,7 @@ def _glob_regex(pattern: str) -> re.Pattern:
 
 
 def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
-    """``{dotted name: module}`` of ``model``'s sub-modules, plus :data:`ROOT` (``"."``) for the model itself."""
+    """``{dotted name: module}`` of ``model``'s sub-modules, plus `ROOT` (``"."``) for the model itself."""
     modules = {name: module for name, module in model.named_modules() if name}
     modules[ROOT] = model
     return modules
@@ -200,7 +200,8 @@ def resolve_layers(model: nn.Module, specs: Iterable[str],
     """Turn ``decorr_layers`` specs into module names of ``model`` (ordered, without repeats).
 
     ``stacks``: the block stacks that ``last``, ``all`` and indices refer to (default:
-    :func:`find_block_stacks`). Raises ``ValueError`` naming ``decorr_layers`` and listing what
+    [`find_block_stacks()`][hf_decorr.find_block_stacks]). Raises ``ValueError`` naming ``decorr_layers`` and listing
+    what
     exists when a spec matches nothing or an index is out of range.
     """
     stacks = find_block_stacks(model) if stacks is None else list(stacks)
@@ -259,9 +260,10 @@ class LayerChoice:
 
     When the specs use block stacks and the model has several candidate stacks (a multimodal model:
     a vision or audio tower beside the language model), which of them carry the batch's hidden states
-    is only known once the model has run: until then the choice is *pending* and :attr:`names` holds
-    the blocks of every candidate stack. The first forward pass records :meth:`probe_names`;
-    :meth:`settle` then keeps the stacks that ran (the size rule applied among them).
+    is only known once the model has run: until then the choice is *pending* and `names` holds
+    the blocks of every candidate stack. The first forward pass records
+    [`probe_names()`][hf_decorr.LayerChoice.probe_names];
+    [`settle()`][hf_decorr.LayerChoice.settle] then keeps the stacks that ran (the size rule applied among them).
 
     Attributes:
         specs: the ``decorr_layers`` specs.
@@ -330,7 +332,7 @@ def first_tensor(output: object, min_dim: int = 0) -> torch.Tensor | None:
     ``last_hidden_state`` or else its first tensor value; a tuple or list gives its first
     tensor element (looking into nested tuples, as in ``((hidden,), height, width)``). ``min_dim``
     skips tensors of fewer dimensions (the model's own output,
-    :data:`ROOT`, is read with 2: its 0-d ``loss`` comes first). ``None`` when there is none.
+    `ROOT`, is read with 2: its 0-d ``loss`` comes first). ``None`` when there is none.
     """
     if isinstance(output, torch.Tensor):
         return output
@@ -373,7 +375,7 @@ class CapturedCall:
     """One forward call of the model (the *root* module) during a recorded pass.
 
     Attributes:
-        inputs: the call's inputs as :func:`call_inputs` finds them (``input_ids``,
+        inputs: the call's inputs as `call_inputs()` finds them (``input_ids``,
             ``attention_mask``, ...; for sentence-transformers the features dict of one text
             column or mini-batch); ``None`` for outputs produced outside any call of the root.
         grad: whether autograd was enabled when the call began.
@@ -398,7 +400,7 @@ class HiddenStateCapture:
     """Forward hooks that record the outputs of named modules, per forward call of the model.
 
     With a ``root`` module (the unwrapped model), a forward pre-hook on the root opens a
-    :class:`CapturedCall` for every call of the model and keeps that call's mask-bearing inputs,
+    [`CapturedCall`][hf_decorr.CapturedCall] for every call of the model and keeps that call's mask-bearing inputs,
     so each captured output can later be pooled with *its own* mask: sentence-transformers runs
     the model once per text column (and once per mini-batch with cached losses), each call
     padded to its own length. Outputs produced outside any call of the root (a module run
@@ -406,17 +408,20 @@ class HiddenStateCapture:
     extra call whose ``inputs`` is ``None`` (the trainer then uses the batch).
 
     Modes: ``"off"`` (hooks return at once), ``"train"`` and ``"eval"``. In ``"train"`` every call is
-    kept with its autograd state; :meth:`sample_calls` then prefers the grad-enabled calls (the
+    kept with its autograd state; [`sample_calls()`][hf_decorr.HiddenStateCapture.sample_calls] then prefers the
+    grad-enabled calls (the
     no-grad pass of a cached loss or a reference model is then left out). In ``"eval"`` outputs
-    are detached. :attr:`ran_without_grad` names the modules that ran without autograd in a
+    are detached. `ran_without_grad` names the modules that ran without autograd in a
     ``"train"`` recording.
 
     ``output_keys`` maps a module name to the key of the tensor to take when the module returns
     a mapping (sentence-transformers modules return the features dict: ``"token_embeddings"``,
-    ``"sentence_embedding"``); other outputs go through :func:`first_tensor`.
+    ``"sentence_embedding"``); other outputs go through `first_tensor()`.
 
-    Lifecycle: the hooks exist only between :meth:`attach` and :meth:`detach`; the trainer
-    uses :meth:`recording`, which attaches them for one pass and always removes them, so the
+    Lifecycle: the hooks exist only between [`attach()`][hf_decorr.HiddenStateCapture.attach] and
+        [`detach()`][hf_decorr.HiddenStateCapture.detach]; the trainer
+    uses [`recording()`][hf_decorr.HiddenStateCapture.recording], which attaches them for one pass and always removes
+    them, so the
     model holds no hook between steps (it stays picklable and deep-copyable, and several
     trainers on one model never stack hooks).
     """
@@ -433,7 +438,7 @@ class HiddenStateCapture:
         self.mode = "off"
         self.ran_without_grad: set[str] = set()
         #: modules recorded only to know whether they ran (a first pass's probe): an output without a tensor
-        #: is then noted in :attr:`ran_only` instead of raising
+        #: is then noted in `ran_only` instead of raising
         self.lenient: set[str] = set()
         self.ran_only: set[str] = set()
         self.calls: list[CapturedCall] = []
@@ -443,7 +448,7 @@ class HiddenStateCapture:
         self._warned_repeat = False
 
     def attach(self) -> None:
-        """Register the hooks (idempotent); they record only while :attr:`mode` is not ``"off"``."""
+        """Register the hooks (idempotent); they record only while `mode` is not ``"off"``."""
         if self._handles:
             return
         self._depth = 0
@@ -471,7 +476,7 @@ class HiddenStateCapture:
         """Attach the hooks in ``mode`` (``"train"`` or ``"eval"``) for the body of the ``with``.
 
         The outputs recorded so far are cleared on entry and kept after exit (until
-        :meth:`clear`); the hooks are removed on exit, also when the body raises.
+        [`clear()`][hf_decorr.HiddenStateCapture.clear]); the hooks are removed on exit, also when the body raises.
         """
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -537,7 +542,7 @@ class HiddenStateCapture:
 
     def tensor_of(self, name: str, module: nn.Module, output: object) -> torch.Tensor:
         """The hidden-state tensor in the output of module ``name`` (its ``output_keys`` entry, else
-        :func:`first_tensor`); ``TypeError`` naming the module when there is none."""
+        `first_tensor()`); ``TypeError`` naming the module when there is none."""
         key = self.output_keys.get(name)
         if key is not None and isinstance(output, Mapping):
             tensor = output.get(key)

@@ -10,7 +10,8 @@ The other order (``class MyArgs(TrainingArguments, DecorrConfig)``) would skip t
 of the decorr settings, so it is refused with a ``TypeError`` when the class is created.
 
 ``decorr_config.json`` (written beside every checkpoint and final model) holds exactly the
-fields of :class:`DecorrConfig`, so it reads back with :meth:`DecorrConfig.from_json` or
+fields of [`DecorrConfig`][hf_decorr.DecorrConfig], so it reads back with
+[`DecorrConfig.from_json()`][hf_decorr.DecorrConfig.from_json] or
 ``HfArgumentParser(DecorrConfig).parse_json_file(path)``.
 
 Every field has ``help`` metadata, so ``HfArgumentParser`` turns them into CLI flags
@@ -52,7 +53,7 @@ DEFAULT_DECORR_WEIGHT = 1.0
 # written into decorr_config.json by hf_decorr 0.1.0; ignored when reading
 _LEGACY_VERSION_KEY = "hf_decorr_version"
 
-#: the class :meth:`DecorrConfig.from_json` is called on (``typing.Self`` needs Python 3.11)
+#: the class ``DecorrConfig.from_json()`` is called on (``typing.Self`` needs Python 3.11)
 _ConfigT = TypeVar("_ConfigT", bound="DecorrConfig")
 
 
@@ -272,16 +273,18 @@ class DecorrConfig(_ArgumentsBase):
         return self.decorr_weight * min(1.0, (step + 1) / self.decorr_warmup_steps)
 
     def decorr_dict(self) -> dict[str, Any]:
-        """The decorr settings alone (the fields of :class:`DecorrConfig`), as saved in ``decorr_config.json``."""
+        """The decorr settings alone (the fields of [`DecorrConfig`][hf_decorr.DecorrConfig]), as saved in
+        ``decorr_config.json``."""
         return {f.name: getattr(self, f.name) for f in fields(DecorrConfig)}
 
     @classmethod
     def from_json(cls: type[_ConfigT], path: str | os.PathLike, **overrides: Any) -> _ConfigT:
-        """Read the settings saved by :meth:`save_decorr_config` (a ``decorr_config.json`` or its folder).
+        """Read the settings saved by [`save_decorr_config()`][hf_decorr.DecorrConfig.save_decorr_config] (a
+        ``decorr_config.json`` or its folder).
 
         ``overrides`` are further constructor arguments (for a ``DecorrTrainingArguments``, e.g.
         ``output_dir``) and win over the file. The values are validated as on construction. Keys
-        that are not fields of :class:`DecorrConfig` are a ``ValueError`` naming them; the key
+        that are not fields of [`DecorrConfig`][hf_decorr.DecorrConfig] are a ``ValueError`` naming them; the key
         ``hf_decorr_version`` written by hf_decorr 0.1.0 is ignored.
         """
         path = os.fspath(path)
@@ -311,9 +314,9 @@ class DecorrConfig(_ArgumentsBase):
 
 @dataclass
 class DecorrTrainingArguments(DecorrConfig, TrainingArguments):
-    """``TrainingArguments`` plus the decorr settings of :class:`DecorrConfig`."""
+    """``TrainingArguments`` plus the decorr settings of [`DecorrConfig`][hf_decorr.DecorrConfig]."""
 
 
 @dataclass
 class DecorrSeq2SeqTrainingArguments(DecorrConfig, Seq2SeqTrainingArguments):
-    """``Seq2SeqTrainingArguments`` plus the decorr settings of :class:`DecorrConfig`."""
+    """``Seq2SeqTrainingArguments`` plus the decorr settings of [`DecorrConfig`][hf_decorr.DecorrConfig]."""

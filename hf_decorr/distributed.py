@@ -30,7 +30,7 @@ performs the sum with one more collective, for callers whose loss differs betwee
 A plain ``all_gather`` without autograd, or re-inserting the local tensor into a gathered list,
 gives gradients off by the factor ``W``.
 
-Sufficient statistics of the evaluation set (:func:`sum_accumulators`) are summed over
+Sufficient statistics of the evaluation set (`sum_accumulators()`) are summed over
 processes in float64, so metrics do not depend on how the data was sharded.
 """
 
@@ -132,7 +132,7 @@ def choose_strategy(width: int, rows_bound: int | None, world: int) -> str:
     size for pooled samples and ``None`` for token samples, whose count varies with the
     padding), so that all processes issue the same collectives. Per process, ``gather``
     receives ``(W−1)·rows_bound·(p+1)`` values and ``stats`` moves about ``2p²`` (see
-    :func:`communication_volume`); ``W·rows_bound < p`` keeps ``gather`` under half of that
+    `communication_volume()`); ``W·rows_bound < p`` keeps ``gather`` under half of that
     with room for its larger redundant covariance (``W·rows_bound`` rows on every process).
     """
     if rows_bound is not None and world * rows_bound < width:
@@ -170,7 +170,7 @@ DEFAULT_BUCKET_BYTES = 64 << 20
 
 
 class _AsyncSumOverRanks(torch.autograd.Function):
-    """Like :class:`_SumOverRanks`, but the all-reduce is started asynchronously: the caller must call
+    """Like `_SumOverRanks`, but the all-reduce is started asynchronously: the caller must call
     ``work[0].wait()`` (appended to the list ``work``) before reading the result. On NCCL the wait only makes
     the compute stream wait for the communication stream, so the Grams of the next bucket overlap with it."""
 
@@ -223,7 +223,7 @@ def global_covariance_penalties(
     """A covariance penalty of each of several layers over the samples of every process (strategy ``stats``).
 
     ``items``: per layer ``(h (..., N, p), mask (..., K) | None, index (K,) | None)`` as in
-    :func:`~hf_decorr.gram.lowmem_covariance` (widths, ``N`` and ``K`` may differ between layers; the number of
+    `lowmem_covariance()` (widths, ``N`` and ``K`` may differ between layers; the number of
     layers, their widths and order must be the same on every process). Collectives: one all-gather of every
     layer's ``(n_r, μ_r)`` and one all-reduce per bucket of float32 scatter matrices ``M_r`` (``4·p²`` bytes per
     layer, buckets of at most ``bucket_bytes``, one layer at least). A bucket's all-reduce is started
@@ -320,11 +320,11 @@ def global_penalty_with_count(
     Args:
         h: local samples ``(..., N, p)`` (a leading stack of layers is allowed).
         mask: 0/1 validity ``(..., N)`` or ``(N,)``; ``None``: every row is valid.
-        kind: a registered penalty name (:data:`~hf_decorr.penalties.PENALTIES`) or a
-            :class:`~hf_decorr.penalties.Penalty`. A penalty of the covariance runs on the global
+        kind: a registered penalty name ([`PENALTIES`][hf_decorr.PENALTIES]) or a
+            [`Penalty`][hf_decorr.Penalty]. A penalty of the covariance runs on the global
             covariance under either strategy; one of the samples needs ``"gather"`` (``l1`` also
             runs under ``"stats"``, from global sums).
-        strategy: ``"stats"`` or ``"gather"`` (identical on every process; see :func:`choose_strategy`).
+        strategy: ``"stats"`` or ``"gather"`` (identical on every process; see `choose_strategy()`).
         rows_bound: for ``"gather"``, an upper bound of ``N`` that is the same on every process.
         replicated_loss: every process back-propagates the same function of the result (see
             the module docstring); ``False`` sums the gradients with a collective instead.
@@ -332,7 +332,7 @@ def global_penalty_with_count(
     Returns:
         ``(P, n)``: the penalty of shape ``(...)`` (float32, float64 for float64 input), the same
         on every process, and the global count ``n`` of valid samples, shape ``(...)``. With one
-        process this is :func:`~hf_decorr.penalties.decorrelation_penalty` and the local count.
+        process this is [`decorrelation_penalty()`][hf_decorr.decorrelation_penalty] and the local count.
     """
     penalty = get_penalty(kind)
     if strategy not in STRATEGIES:
@@ -386,7 +386,7 @@ def global_penalty(
     *,
     replicated_loss: bool = True,
 ) -> torch.Tensor:
-    """The penalty over the samples of every process, shape ``(...)`` (see :func:`global_penalty_with_count`)."""
+    """The penalty over the samples of every process, shape ``(...)`` (see `global_penalty_with_count()`)."""
     return global_penalty_with_count(h, mask, kind, strategy, rows_bound, replicated_loss=replicated_loss)[0]
 
 

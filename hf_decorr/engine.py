@@ -1,23 +1,23 @@
 """The penalty engine: the one place that decides how each layer's penalty is computed.
 
-Given the samples of every penalised layer (:class:`~hf_decorr.samples.DecorrSamples`) it returns
+Given the samples of every penalised layer ([`DecorrSamples`][hf_decorr.DecorrSamples]) it returns
 the per-layer penalties ``(L,)`` in layer order, choosing for each layer:
 
 * **token samples of a covariance penalty**: one layer at a time through the low-memory kernels
-  of :mod:`hf_decorr.gram` (the backward keeps the layer output itself plus O(p²) state): the
+  of `hf_decorr.gram` (the backward keeps the layer output itself plus O(p²) state): the
   penalty's own fused ``kernel`` when it has one (``cov_l1``) and the covariance function is not
   overridden, else ``fn(lowmem_covariance(x))``; with ``decorr_sync="global"`` and several
   processes, the covariance of the samples of all processes
-  (:func:`~hf_decorr.distributed.global_covariance_penalties`, bucketed all-reduces);
+  (`global_covariance_penalties()`, bucketed all-reduces);
 * **pooled samples** (few rows) and **penalties of the samples** (``l1``): stacked by group
   (same width, side and kind) into one batched call; with global sync through
-  :func:`~hf_decorr.distributed.global_penalty_with_count`.
+  `global_penalty_with_count()`.
 
 ``decorr_max_samples`` draws its rows with a generator seeded by ``(seed, optimizer step,
 micro-batch, layer)`` only, so a resumed run draws exactly what the uninterrupted run drew.
 
-Nothing here imports the trainer: the trainer builds a :class:`PenaltyEngine` from its settings
-and its override points and calls :meth:`PenaltyEngine.penalties` once per micro-batch.
+Nothing here imports the trainer: the trainer builds a `PenaltyEngine` from its settings
+and its override points and calls `PenaltyEngine.penalties()` once per micro-batch.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ __all__ = ["EngineSettings", "PenaltyEngine", "resolve_penalty", "layer_weights"
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """The settings the engine reads (from :class:`~hf_decorr.config.DecorrConfig`).
+    """The settings the engine reads (from [`DecorrConfig`][hf_decorr.DecorrConfig]).
 
     Attributes:
         sync: ``decorr_sync`` (``"global"`` or ``"local"``).
@@ -59,7 +59,7 @@ class EngineSettings:
 
 def resolve_penalty(fn: Penalty | Callable[[torch.Tensor], torch.Tensor] | None, configured: str,
                     overrider: str | None = None) -> Penalty:
-    """The penalty a trainer uses: ``fn`` (a :class:`~hf_decorr.penalties.Penalty`, or a callable of the
+    """The penalty a trainer uses: ``fn`` (a [`Penalty`][hf_decorr.Penalty], or a callable of the
     covariance, wrapped with divisor ``N − 1``) or else the registered penalty named ``configured``.
 
     ``overrider``: the name of a trainer class that overrides ``decorr_penalty`` (a function of the
@@ -127,8 +127,8 @@ class PenaltyEngine:
     """Computes the per-layer penalties of one micro-batch.
 
     Args:
-        penalty: the configured :class:`~hf_decorr.penalties.Penalty`.
-        settings: :class:`EngineSettings`.
+        penalty: the configured [`Penalty`][hf_decorr.Penalty].
+        settings: `EngineSettings`.
         covariance_fn: an override of the covariance penalty (the trainer's ``decorr_penalty`` when a
             subclass overrides it), ``C (..., p, p) → (...)``; ``None`` uses ``penalty.fn`` and its kernel.
         source: how the user supplied the penalty, named in errors about what it returns.
@@ -154,7 +154,7 @@ class PenaltyEngine:
     @classmethod
     def from_config(cls, args, penalty_fn=None, covariance_override=None, owner: str = "trainer",
                     warn: Callable[[str, str], None] | None = None) -> PenaltyEngine:
-        """The engine of a trainer: ``args`` a :class:`~hf_decorr.config.DecorrConfig` (``decorr_penalty``,
+        """The engine of a trainer: ``args`` a [`DecorrConfig`][hf_decorr.DecorrConfig] (``decorr_penalty``,
         ``decorr_sync``, ``decorr_chunk_size``, ``decorr_precision``, ``decorr_max_samples``, ``seed``),
         ``penalty_fn`` the ``decorr_penalty_fn`` argument, ``covariance_override`` the ``decorr_penalty``
         method of ``owner`` (a class name) when it overrides it."""

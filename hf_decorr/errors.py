@@ -1,8 +1,8 @@
 """Errors of the library that a user acts on: each message is one line saying what went wrong and what to do.
 
-* :class:`DecorrError`: a fault found while training or evaluating (a penalised layer that did
+* [`DecorrError`][hf_decorr.DecorrError]: a fault found while training or evaluating (a penalised layer that did
   not run in the forward, or ran without autograd, or is fed by no trainable parameter).
-* :class:`DivergenceError`: training diverged (a non-finite loss, penalty or weight); raised
+* [`DivergenceError`][hf_decorr.DivergenceError]: training diverged (a non-finite loss, penalty or weight); raised
   when ``decorr_stop_on_nonfinite`` is on (the default), before anything is saved from the
   diverged weights.
 

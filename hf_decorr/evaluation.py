@@ -1,9 +1,9 @@
 """The evaluation statistics behind ``eval_decorr_*``: float64 sums over the whole evaluation set.
 
 During an evaluation the trainer records every penalised layer's samples of every forward call
-(:mod:`hf_decorr.samples`) and adds them to one :class:`~hf_decorr.metrics.CovarianceAccumulator`
-per layer (:func:`add_eval_samples`); at the end the accumulators are summed over processes and
-turned into the paper's metrics per layer and their mean (:func:`metrics_from_statistics`).
+(`hf_decorr.samples`) and adds them to one [`CovarianceAccumulator`][hf_decorr.CovarianceAccumulator]
+per layer (`add_eval_samples()`); at the end the accumulators are summed over processes and
+turned into the paper's metrics per layer and their mean (`metrics_from_statistics()`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def add_eval_samples(stats: dict[str, CovarianceAccumulator], parts_by_layer, ke
                      batch: int | None, warn: Warn) -> None:
     """Add every call's samples of each layer (``call_samples``' result) to the layer's one accumulator.
 
-    ``keep`` of ``batch`` examples are real (see :func:`padded_batch_rows`); rows are example-major, so
+    ``keep`` of ``batch`` examples are real (see `padded_batch_rows()`); rows are example-major, so
     row ``k`` belongs to example ``k // (rows / batch)``.
     """
     for name, parts in parts_by_layer.items():

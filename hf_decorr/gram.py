@@ -1,6 +1,6 @@
 """Low-memory covariance kernels for LLM-scale penalties (pure PyTorch, no transformers import).
 
-Notation as in :mod:`hf_decorr.penalties`: ``H (..., N, p)`` with a 0/1 row mask ``m``, optionally a
+Notation as in `hf_decorr.penalties`: ``H (..., N, p)`` with a 0/1 row mask ``m``, optionally a
 row selection ``index (K,)`` (the rows ``H[..., index, :]`` are the samples, ``m`` then has shape
 ``(..., K)``), ``n = Σ m``, ``μ = Σ_k m_k h_k / n``, centred rows ``c_k = m_k (h_k − μ)``.
 
@@ -9,8 +9,8 @@ whatever the model's dtype. The functions here keep for the backward only
 
 * ``H`` itself, the tensor the caller passed (no copy: for a transformer block's output it is
   the next block's input, which gradient checkpointing keeps anyway), the mask / index, and
-* ``μ`` (``4·p`` bytes) and, for :func:`cov_l1_lowmem`, the signs of ``C`` packed as two bit planes
-  (``p²/4`` bytes; :class:`GramFunction` saves nothing of size ``p²``: its caller's ``f(C)`` does).
+* ``μ`` (``4·p`` bytes) and, for `cov_l1_lowmem()`, the signs of ``C`` packed as two bit planes
+  (``p²/4`` bytes; `GramFunction` saves nothing of size ``p²``: its caller's ``f(C)`` does).
 
 The centring is recomputed in the backward. Rows are processed in chunks of ``chunk`` rows and,
 for ``cov_l1``, the columns of ``C`` in blocks of ``chunk`` columns, so the float32 transients are
@@ -28,7 +28,7 @@ Precision of the Gram matmuls (``precision``):
   (for ``cov_l1`` a matrix of ``0, ±1`` times a scalar, exact in bfloat16) with float32 accumulation.
 
 On CUDA these use the tensor cores; elsewhere (or with ``emulate=True``) the roundings are emulated by
-rounding the float32 inputs (:func:`round_to_precision`) and multiplying in float32, which is how the
+rounding the float32 inputs (`round_to_precision()`) and multiplying in float32, which is how the
 error table of docs/PERFORMANCE.md was measured. float64 input is computed exactly in float64.
 """
 
@@ -80,7 +80,7 @@ def round_to_precision(x: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def resolve_precision(precision: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """The precision actually used: ``"fp64"`` for float64 input, ``"fp32"`` off CUDA (the CPU keeps its exact
-    path), and on CUDA ``precision`` with ``"auto"`` meaning :data:`DEFAULT_CUDA_PRECISION`."""
+    path), and on CUDA ``precision`` with ``"auto"`` meaning `DEFAULT_CUDA_PRECISION`."""
     if precision not in PRECISIONS:
         raise ValueError(f"decorr_precision={precision!r} is not valid; choose one of {list(PRECISIONS)}")
     if dtype == torch.float64:
@@ -280,8 +280,8 @@ def lowmem_covariance(
 
     ``mask`` (``(..., K)``, bool or 0/1) marks valid rows among the samples, which are the rows of ``h`` or,
     with ``index (K,)``, the rows ``h[..., index, :]``. ``chunk``: rows per chunk (default
-    :func:`default_chunk`). ``precision``: see the module docstring (``"auto"`` resolved by
-    :func:`resolve_precision`; off CUDA only ``emulate=True`` rounds).
+    `default_chunk()`). ``precision``: see the module docstring (``"auto"`` resolved by
+    `resolve_precision()`; off CUDA only ``emulate=True`` rounds).
     """
     m, chunk, precision = _gram_arguments(h, mask, index, chunk, precision, emulate)
     with torch.autocast(device_type=h.device.type, enabled=False):
@@ -330,7 +330,7 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_signs(packed: torch.Tensor, q: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`pack_signs`: ``(..., r, q)`` of ``{−1, 0, 1}`` in ``dtype``."""
+    """Inverse of `pack_signs()`: ``(..., r, q)`` of ``{−1, 0, 1}`` in ``dtype``."""
     bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0
     bits = bits.reshape(*bits.shape[:-2], -1)[..., :q]
     return bits[0].to(dtype).sub_(bits[1].to(dtype))
@@ -359,7 +359,7 @@ class CovL1Function(torch.autograd.Function):
     """``L_Σ = Σ_ij |C_ij| / p²``, ``C = Σ c cᵀ / divisor``, computed by column blocks of ``C`` and row chunks.
 
     Forward: for each block ``J`` of ``chunk`` columns, ``C[:, J] = Σ_chunks c_chunkᵀ c_chunk[:, J]``; its signs
-    are packed (:func:`pack_signs`) and its ``|·|`` summed. Saved: ``h`` (no copy), mask, index, ``μ``, the
+    are packed (`pack_signs()`) and its ``|·|`` summed. Saved: ``h`` (no copy), mask, index, ``μ``, the
     packed signs. Backward: ``∂L/∂h_k = m_k (S + Sᵀ) c_k · g / (p² · divisor)`` with ``S = sign(C)``, by the same
     blocks. Arguments: ``(h, m, index, divisor, chunk, precision, emulate)``.
     """
@@ -433,7 +433,7 @@ def cov_l1_lowmem(
     emulate: bool = False,
 ) -> torch.Tensor:
     """``L_Σ = (1/p²) Σ_ij |C_ij|`` (``C`` unbiased) of the valid sample rows, shape ``(...)``, by
-    :class:`CovL1Function` (same arguments as :func:`lowmem_covariance`)."""
+    `CovL1Function` (same arguments as `lowmem_covariance()`)."""
     m, chunk, precision = _gram_arguments(h, mask, index, chunk, precision, emulate)
     if chunk % 8:
         raise ValueError(f"chunk must be a multiple of 8 (the signs are packed by bytes), got {chunk}")

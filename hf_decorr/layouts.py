@@ -10,18 +10,18 @@ Most layers return ``(batch, sequence, p)`` with one position per input token, s
   the third): one sample per spatial position, the channels are the units, ``(B, H·W, C)``. Images have
   no padding: every position is valid. 5-D maps ``(B, C, T, H, W)`` likewise, per space-time position.
 * **sequence first** ``(T, B, p)`` (XLNet): transposed when the batch's mask tells the axes apart
-  (or the architecture is registered as sequence-first, :data:`LAYOUTS`).
+  (or the architecture is registered as sequence-first, `LAYOUTS`).
 * **internal padding** (Longformer, LED, Pegasus-X and BigBird-style models pad the sequence on the
   right to a multiple of their attention window or block): ``T' > T``; the positions past ``T`` are
   padding and never samples.
-* **extra positions** registered per architecture (:data:`LAYOUTS`): positions prepended before the
+* **extra positions** registered per architecture (`LAYOUTS`): positions prepended before the
   input's (CPM-Ant's prompt) are not samples; ``k`` streams of the input's positions stacked along the
   sequence axis (ProphetNet's n-gram streams) take the mask ``k`` times.
 * **downsampled** sequences ``T' < T`` (Funnel, Canine, the convolutional front end of speech models whose
   mask covers the raw signal): position ``t`` stands for input positions ``⌊t·T/T'⌋ … ⌊(t+1)·T/T'⌋ − 1``
   and is a sample only when every one of them is valid (a position that saw padding is never counted).
 
-Pure PyTorch (no transformers import): the trainer looks up :data:`LAYOUTS` by ``config.model_type``.
+Pure PyTorch (no transformers import): the trainer looks up `LAYOUTS` by ``config.model_type``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class SequenceLayout:
 DEFAULT_LAYOUT = SequenceLayout()
 
 #: ``model_type`` → ``(config, layer name) → SequenceLayout`` for the architectures whose layers lay out the
-#: sequence in a way the shapes alone do not tell. Extend it with :func:`register_layout`.
+#: sequence in a way the shapes alone do not tell. Extend it with [`register_layout()`][hf_decorr.register_layout].
 LAYOUTS: dict[str, Callable[[Any, str], SequenceLayout]] = {}
 
 
@@ -86,7 +86,7 @@ UNPADDED_INPUTS = ("pixel_values", "pixel_values_videos")
 
 
 def layout_for(model: torch.nn.Module, layer: str) -> SequenceLayout:
-    """The layout of module ``layer`` of ``model``: registered for the architecture (:data:`LAYOUTS`, by the
+    """The layout of module ``layer`` of ``model``: registered for the architecture (`LAYOUTS`, by the
     ``model_type`` of the innermost enclosing module with a ``config``), and ``unmasked`` when that module's
     ``main_input_name`` is an image input (a vision tower, or an image model)."""
     owner: torch.nn.Module = model

@@ -1,13 +1,15 @@
 """The paper's decorrelation metrics from streamed sufficient statistics (pure PyTorch).
 
-A :class:`CovarianceAccumulator` keeps, in float64, the count ``n``, the sum ``s = Σ h`` and
+A [`CovarianceAccumulator`][hf_decorr.CovarianceAccumulator] keeps, in float64, the count ``n``, the sum ``s = Σ h``
+and
 the scatter ``S = Σ h hᵀ`` of every valid sample it is shown, so that the covariance of a whole
 evaluation set,
 
     C = (S − s sᵀ / n) / (n − 1),
 
 does not depend on how the set was split into batches (nor, once the statistics are summed,
-on how it was split across processes). :func:`decorrelation_metrics` turns ``C`` into the
+on how it was split across processes). [`decorrelation_metrics()`][hf_decorr.decorrelation_metrics] turns ``C`` into
+the
 paper's numbers (Kågebäck & Mogren 2017, Section 3.1). With ``v = diag C`` the unit
 variances and ``p`` the layer width:
 
@@ -32,9 +34,9 @@ samples also ``cov_l1``), while ``live_units`` and ``samples`` keep their counts
 a ``metric_for_best_model`` comparison in ``Trainer`` (it starts from ±inf and NaN compares
 false), so a collapsed checkpoint is never chosen as the best one.
 
-Over repeated runs, :func:`mean_std` (``mean = Σx/n``, sample std ``√(Σ(x − mean)²/(n − 1))``,
+Over repeated runs, `mean_std()` (``mean = Σx/n``, sample std ``√(Σ(x − mean)²/(n − 1))``,
 NaN when a value is not finite: a diverged run is reported, never averaged away) and
-:func:`aggregate` (one row of ``<metric>_mean`` / ``<metric>_std`` / ``n`` per group of records).
+`aggregate()` (one row of ``<metric>_mean`` / ``<metric>_std`` / ``n`` per group of records).
 """
 
 from __future__ import annotations
@@ -64,12 +66,14 @@ class CovarianceAccumulator:
 
     @property
     def empty(self) -> bool:
-        """Whether no row has been added yet (no :meth:`update` or :meth:`merge_` with rows)."""
+        """Whether no row has been added yet (no [`update()`][hf_decorr.CovarianceAccumulator.update] or
+        [`merge_()`][hf_decorr.CovarianceAccumulator.merge_] with rows)."""
         return self.count is None
 
     @property
     def width(self) -> int | None:
-        """The number of units ``p`` of the rows added so far; ``None`` while :attr:`empty`."""
+        """The number of units ``p`` of the rows added so far; ``None`` while
+        [`empty`][hf_decorr.CovarianceAccumulator.empty]."""
         return None if self.sum is None else self.sum.shape[-1]
 
     def update(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -94,7 +98,8 @@ class CovarianceAccumulator:
         self.outer = self.outer + outer
 
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(n, Σh (p,), Σhhᵀ (p, p))`` in float64; ``ValueError`` while :attr:`empty`."""
+        """``(n, Σh (p,), Σhhᵀ (p, p))`` in float64; ``ValueError`` while
+        [`empty`][hf_decorr.CovarianceAccumulator.empty]."""
         if self.count is None or self.sum is None or self.outer is None:
             raise ValueError("no samples were accumulated")
         return self.count, self.sum, self.outer
@@ -216,7 +221,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], by: Sequence[str], metrics: 
     """Group ``records`` by the values of the keys ``by`` (in order of first appearance).
 
     Each output row holds the ``by`` keys, ``<metric>_mean`` and ``<metric>_std`` for every
-    name in ``metrics`` (see :func:`mean_std`) and ``n``, the number of records in the group.
+    name in ``metrics`` (see `mean_std()`) and ``n``, the number of records in the group.
     A record that lacks a metric raises ``KeyError`` naming it.
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = {}

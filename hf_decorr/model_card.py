@@ -1,9 +1,9 @@
 """Model cards for models trained with the covariance penalty.
 
-:func:`decorr_model_card` builds a ``huggingface_hub.ModelCard`` that carries the ``hf-decorr``
+`decorr_model_card()` builds a ``huggingface_hub.ModelCard`` that carries the ``hf-decorr``
 tag, the penalty's formula, its settings (λ, layers, penalty, pooling, mask) and the final task and
-decorrelation metrics; :func:`write_model_card` writes it as ``README.md`` (atomically). Uploading
-a finished folder is the application's job (:func:`hf_decorr.app.hub.push_folder_to_hub`).
+decorrelation metrics; `write_model_card()` writes it as ``README.md`` (atomically). Uploading
+a finished folder is the application's job (`hf_decorr.app.hub.push_folder_to_hub()`).
 """
 
 from __future__ import annotations
@@ -142,12 +142,12 @@ def decorr_model_card(
 ) -> ModelCard:
     """A model card for a model trained with the penalty.
 
-    ``decorr_settings`` is :meth:`~hf_decorr.config.DecorrConfig.decorr_dict`, ``layer_names`` the
+    ``decorr_settings`` is [`decorr_dict()`][hf_decorr.DecorrConfig.decorr_dict], ``layer_names`` the
     resolved module names, ``metrics`` the final evaluation's metrics (``eval_accuracy``,
     ``eval_decorr_mapc``, ``eval_decorr_mapc/<layer>``, …) and ``task`` the pipeline tag
     (``text-classification``, ``text-generation``). ``base_model`` and ``datasets`` go into the
     card's metadata only when they look like Hub ids. The penalty's text is its description in the
-    registry (:func:`hf_decorr.register_penalty`) unless ``penalty_description`` is given.
+    registry ([`hf_decorr.register_penalty()`][hf_decorr.register_penalty]) unless ``penalty_description`` is given.
     """
     tags = [*CARD_TAGS, *extra_tags]
     data = ModelCardData(
@@ -257,8 +257,8 @@ def trainer_model_card(
 ) -> ModelCard:
     """The card of a trainer's model (what ``DecorrTrainerMixin.create_model_card`` writes).
 
-    ``settings`` are the trainer's :meth:`~hf_decorr.config.DecorrConfig.decorr_dict`, ``penalty`` the
-    :class:`~hf_decorr.penalties.Penalty` it uses (a custom one is named and described), ``metrics`` default
+    ``settings`` are the trainer's [`decorr_dict()`][hf_decorr.DecorrConfig.decorr_dict], ``penalty`` the
+    [`Penalty`][hf_decorr.Penalty] it uses (a custom one is named and described), ``metrics`` default
     to the last ``eval_*`` and ``test_*`` entries of ``log_history``; tags are ``tag_names``, the model's own
     ``model_tags`` and ``tags``; ``finetuned_from`` defaults to the model's ``name_or_path`` and ``tasks``
     to the pipeline tag of its head.

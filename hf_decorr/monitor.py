@@ -3,10 +3,10 @@
 Both keep device tensors that each training micro-batch adds to without waiting on the host,
 and are read once where the Trainer syncs anyway (a logging, evaluation or save step).
 
-**Log window** (:class:`LogWindow`): sums of the task loss, the per-layer penalties and the count of
+**Log window** (`LogWindow`): sums of the task loss, the per-layer penalties and the count of
 layers with fewer than 2 samples, flushed into the logged values at each logging step.
 
-**Divergence guard** (:class:`DivergenceMonitor`, :class:`DivergenceCallback`):
+**Divergence guard** (`DivergenceMonitor`, `DivergenceCallback`):
 
 Training has diverged when, at some optimizer step, the training loss, the penalty **or the
 gradient norm** ``‖g‖₂`` (over this process's gradients, before clipping) is NaN or infinite,
@@ -15,11 +15,11 @@ or when the trained weights themselves hold NaN or infinite values.
 
 Under fp16 loss scaling (a ``GradScaler``) a non-finite gradient is normal: the scaler skips the
 step and lowers its scale. There a non-finite gradient norm counts as divergence only when
-:data:`SCALER_PATIENCE` optimizer steps in a row have one (the scale has then been halved that many
+`SCALER_PATIENCE` optimizer steps in a row have one (the scale has then been halved that many
 times, from 2¹⁶ to below 2⁻⁸, and still overflows).
 
 Nothing here waits on the host: each observation ORs device booleans into a small state tensor;
-:meth:`DivergenceMonitor.status` is the one read, done at logging, evaluation and save steps.
+`DivergenceMonitor.status()` is the one read, done at logging, evaluation and save steps.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class DivergenceMonitor:
     def observe_gradients(self, parameters, step: int, scaled: bool, device: torch.device) -> None:
         """The gradients of one optimizer step, before clipping: their norm must be finite.
 
-        ``scaled``: fp16 loss scaling is on; then only :data:`SCALER_PATIENCE` non-finite steps in a
+        ``scaled``: fp16 loss scaling is on; then only `SCALER_PATIENCE` non-finite steps in a
         row count. Each process looks at its own gradients (its shards under FSDP / ZeRO); the
         flags are combined over processes when they are read.
         """
@@ -174,7 +174,8 @@ class DivergenceMonitor:
     @staticmethod
     def error(status: list[float], step: int, weight: float, learning_rate: float, max_grad_norm: float,
               scaled: bool) -> DivergenceError | None:
-        """The :class:`DivergenceError` that a read ``status`` (see :meth:`status`) calls for, or ``None``."""
+        """The [`DivergenceError`][hf_decorr.DivergenceError] that a read ``status`` (see `status()`) calls for, or
+        ``None``."""
         *bad, first, weights_bad = status
         what = [name for name, flag in zip(_WHAT, bad) if flag]
         if not what and not weights_bad:
@@ -198,7 +199,7 @@ class DivergenceMonitor:
 class DivergenceCallback(TrainerCallback):
     """Reads the trainer's divergence flags at logging, evaluation and save steps and at the last step.
 
-    Added by :class:`~hf_decorr.trainer.DecorrTrainerMixin` when the guard is on
+    Added by [`DecorrTrainerMixin`][hf_decorr.DecorrTrainerMixin] when the guard is on
     (``decorr_stop_on_nonfinite``; by default whenever ``decorr_weight > 0``), so
     ``trainer.callback_handler.callbacks`` then holds one more callback than a plain ``Trainer``'s.
     ``DefaultFlowCallback`` has set ``control.should_log / should_evaluate / should_save`` before this

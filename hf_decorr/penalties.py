@@ -86,15 +86,15 @@ def masked_covariance(
         h: activations, shape ``(..., N, p)``, any floating dtype (kept as is: no float32 copy).
         mask: 0/1 or bool, shape ``(..., N)`` or ``(N,)``; ``None`` means every row is valid.
         correction: ``1`` divides by ``n − 1`` (unbiased, the paper), ``0`` by ``n``.
-        chunk: rows processed at a time (default :func:`~hf_decorr.gram.default_chunk`).
-        precision: the Gram's matmul precision on CUDA (:data:`~hf_decorr.gram.PRECISIONS`); float32
+        chunk: rows processed at a time (default `default_chunk()`).
+        precision: the Gram's matmul precision on CUDA (`PRECISIONS`); float32
             (float64 for float64 input) elsewhere.
 
     Returns:
         ``(C, n)``: ``C`` of shape ``(..., p, p)`` in float32 (float64 for float64 input) and
         the number of valid rows ``n`` of shape ``(...)``. The divisor is clamped to at least 1,
         so ``C`` is zero (not NaN) when ``n < 2``. For the backward only ``h`` itself, the mask and
-        the mean are kept (see :mod:`hf_decorr.gram`).
+        the mean are kept (see `hf_decorr.gram`).
     """
     return lowmem_covariance(h, mask, correction, chunk=chunk, precision=precision)
 
@@ -127,7 +127,7 @@ def covariance_correction(kind: str | Penalty) -> int:
 def penalty_from_covariance(cov: torch.Tensor, kind: str | Penalty) -> torch.Tensor:
     """A covariance penalty of ``cov`` (``(..., p, p)``); shape ``(...)``.
 
-    ``cov`` must have been computed with :func:`covariance_correction` of ``kind``.
+    ``cov`` must have been computed with `covariance_correction()` of ``kind``.
     """
     penalty = get_penalty(kind)
     if not penalty.of_covariance:
@@ -178,7 +178,7 @@ class Penalty:
         description: one line with the formula, shown in ``--help``, errors and model cards.
         kernel: optional fast path of a covariance penalty computed straight from the samples,
             ``kernel(h (..., N, p), mask, *, index=None, chunk=None, precision="fp32") → (...)``, equal
-            to ``fn(C)`` (``cov_l1`` has the fused, tiled one of :func:`~hf_decorr.gram.cov_l1_lowmem`).
+            to ``fn(C)`` (``cov_l1`` has the fused, tiled one of `cov_l1_lowmem()`).
             Used whenever the penalty is computed from local samples and ``fn`` is not overridden.
         sums: optional form of a penalty of the samples as a ratio of sums, ``sums(h, mask) → (3, ...)``
             holding ``(numerator, denominator, valid rows)``, with ``fn(h, mask) = numerator / denominator``.
@@ -205,14 +205,15 @@ class Penalty:
 
 
 class _Registry(dict):
-    """``name → Penalty``; entries are added only through :func:`register_penalty`."""
+    """``name → Penalty``; entries are added only through [`register_penalty()`][hf_decorr.register_penalty]."""
 
     def __setitem__(self, key, value):  # noqa: D105
         raise TypeError("add penalties with hf_decorr.register_penalty(name, fn, of_covariance=..., ...)")
 
 
 PENALTIES: dict[str, Penalty] = _Registry()
-"""Every registered :class:`Penalty` by name (read-only: add entries with :func:`register_penalty`).
+"""Every registered [`Penalty`][hf_decorr.Penalty] by name (read-only: add entries with
+[`register_penalty()`][hf_decorr.register_penalty]).
 
 Config validation, the command-line choices, model cards and the distributed path read it when
 they run, so a penalty registered before the arguments are built is accepted everywhere.
@@ -234,12 +235,12 @@ def register_penalty(
 
     Args:
         name: a new name; registering a name twice raises ``ValueError``.
-        fn: see :class:`Penalty`: ``fn(C) → (...)`` when ``of_covariance``, else ``fn(h, mask) → (...)``.
+        fn: see [`Penalty`][hf_decorr.Penalty]: ``fn(C) → (...)`` when ``of_covariance``, else ``fn(h, mask) → (...)``.
         of_covariance: whether ``fn`` is a function of the covariance alone.
         correction: the covariance divisor ``n − correction`` (``1`` unbiased, ``0`` biased).
         description: one line with the formula.
-        kernel: a fast path of a covariance penalty from the samples (see :class:`Penalty`).
-        sums: the ratio-of-sums form of a penalty of the samples (see :class:`Penalty`).
+        kernel: a fast path of a covariance penalty from the samples (see [`Penalty`][hf_decorr.Penalty]).
+        sums: the ratio-of-sums form of a penalty of the samples (see [`Penalty`][hf_decorr.Penalty]).
 
     Example::
 
@@ -264,7 +265,7 @@ def register_penalty(
 
 
 def get_penalty(kind: str | Penalty) -> Penalty:
-    """The registered penalty named ``kind`` (a :class:`Penalty` is returned as is)."""
+    """The registered penalty named ``kind`` (a [`Penalty`][hf_decorr.Penalty] is returned as is)."""
     if isinstance(kind, Penalty):
         return kind
     try:
@@ -319,5 +320,6 @@ register_penalty("l1", _l1_of_samples, of_covariance=False, sums=_l1_sums,
 def decorrelation_penalty(
     h: torch.Tensor, mask: torch.Tensor | None = None, kind: str | Penalty = "cov_l1"
 ) -> torch.Tensor:
-    """The penalty ``kind`` (a name in :data:`PENALTIES` or a :class:`Penalty`) of samples ``h``; shape ``(...)``."""
+    """The penalty ``kind`` (a name in [`PENALTIES`][hf_decorr.PENALTIES] or a [`Penalty`][hf_decorr.Penalty]) of
+    samples ``h``; shape ``(...)``."""
     return get_penalty(kind)(h, mask)

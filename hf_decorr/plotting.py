@@ -5,22 +5,22 @@ the functions, and figures are built with ``matplotlib.figure.Figure`` (no ``pyp
 nothing here touches a global backend or opens a window, and it works in threads and on
 headless machines. Inputs may be NumPy arrays, torch tensors or nested lists.
 
-* :func:`correlation_from_covariance`: ``R_ij = C_ij / √(C_ii C_jj)``; rows and columns of
-  *dead* units (``C_ii ≤ 1e-10 · max C_ii``, the rule of :mod:`hf_decorr.metrics`) are 0.
-* :func:`spectrum`: the unit variances ``diag C`` (the paper's "dimensions") or the
+* `correlation_from_covariance()`: ``R_ij = C_ij / √(C_ii C_jj)``; rows and columns of
+  *dead* units (``C_ii ≤ 1e-10 · max C_ii``, the rule of `hf_decorr.metrics`) are 0.
+* `spectrum()`: the unit variances ``diag C`` (the paper's "dimensions") or the
   eigenvalues of ``C`` (principal components), sorted in decreasing order.
-* :func:`plot_matrix` / :func:`plot_covariance`: heat map of ``|C|`` (or ``C``, or ``|R|``).
-* :func:`plot_spectrum`: one spectrum as bars or as a one-row heat map ("strip").
-* :func:`plot_spectra`: many spectra (one per run) as the rows of a heat map.
-* :func:`plot_metric_curves`: a metric against the task loss, one curve per regulariser,
+* `plot_matrix()` / `plot_covariance()`: heat map of ``|C|`` (or ``C``, or ``|R|``).
+* `plot_spectrum()`: one spectrum as bars or as a one-row heat map ("strip").
+* `plot_spectra()`: many spectra (one per run) as the rows of a heat map.
+* `plot_metric_curves()`: a metric against the task loss, one curve per regulariser,
   points ordered by λ, with mean ± std error bars over repeated runs (the paper's Figs. 2–3).
-* :func:`plot_histories`: values against training step or epoch (convergence checks).
-* :func:`new_figure`, :func:`save_figure` (atomic PNG write).
-* Layer by layer (``hf-decorr`` command, recipes, TensorBoard): :func:`plot_correlation_map`
-  (``|R|`` with units ordered by variance), :func:`plot_spectrum_curves` (spectra as lines),
-  :func:`plot_layer_metrics` (metrics over depth, one line per run), :func:`plot_layer_pair`
-  (one layer of several runs side by side), :func:`figure_to_rgb` (an image array),
-  :func:`save_layer_figures` (one such figure per layer, written as a complete folder).
+* `plot_histories()`: values against training step or epoch (convergence checks).
+* `new_figure()`, `save_figure()` (atomic PNG write).
+* Layer by layer (``hf-decorr`` command, recipes, TensorBoard): `plot_correlation_map()`
+  (``|R|`` with units ordered by variance), `plot_spectrum_curves()` (spectra as lines),
+  `plot_layer_metrics()` (metrics over depth, one line per run), `plot_layer_pair()`
+  (one layer of several runs side by side), `figure_to_rgb()` (an image array),
+  `save_layer_figures()` (one such figure per layer, written as a complete folder).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def plot_covariance(
 ) -> Axes:
     """Heat map of a covariance matrix ``C`` ``(p, p)``, or of its correlation matrix when ``correlation``.
 
-    Extra keyword arguments go to :func:`plot_matrix`.
+    Extra keyword arguments go to `plot_matrix()`.
     """
     m = correlation_from_covariance(cov) if correlation else _square(cov)
     if correlation and absolute:
@@ -235,7 +235,7 @@ def plot_spectrum(
     title: str | None = None,
     log: bool = False,
 ) -> Axes:
-    """One spectrum: ``values`` is a covariance ``(p, p)`` (its :func:`spectrum` of ``kind``) or a vector.
+    """One spectrum: ``values`` is a covariance ``(p, p)`` (its `spectrum()` of ``kind``) or a vector.
 
     ``normalise`` divides by the sum (shares of the total variance). ``style="bar"`` draws
     bars against the rank, with an optional horizontal ``threshold`` line; ``style="strip"``
@@ -589,11 +589,11 @@ def save_layer_figures(
     *,
     max_units: int | None = 512,
 ) -> list[Path]:
-    """One PNG per layer in ``folder``: the runs side by side (:func:`plot_layer_pair`).
+    """One PNG per layer in ``folder``: the runs side by side (`plot_layer_pair()`).
 
     ``covariances`` maps a run label (``"baseline"``, ``"decorr"``) to ``{layer: C (p, p)}``;
     layers missing from a run are drawn for the runs that have them. The folder is written
-    completely or not at all (:func:`hf_decorr.atomic.staged_directory`); files are named
+    completely or not at all (`hf_decorr.atomic.staged_directory()`); files are named
     ``<i>_<layer>.png`` in layer order. Returns the paths.
     """
     from .atomic import staged_directory

@@ -3,9 +3,9 @@
 A cached loss embeds every mini-batch twice: first without autograd inside the loss's forward,
 then again with autograd during ``backward``. When every recorded call of a training step ran
 without autograd, the trainer computes the penalty on detached copies of the recorded outputs
-(:func:`replay_leaves`), takes its gradient with respect to them, and :func:`attach_replay` makes
-the loss's backward arm a :class:`PenaltyGradientReplay`, which adds those gradients to the same
-modules' outputs in the grad-enabled replay. :func:`check_replay`, called at the start of the next
+(`replay_leaves()`), takes its gradient with respect to them, and `attach_replay()` makes
+the loss's backward arm a `PenaltyGradientReplay`, which adds those gradients to the same
+modules' outputs in the grad-enabled replay. `check_replay()`, called at the start of the next
 training step, fails if no replayed call received them.
 """
 
@@ -54,8 +54,8 @@ class PenaltyGradientReplay:
     where ``upstream`` is the gradient that reached the loss (gradient accumulation, loss
     scaling). The result is the exact gradient of ``P`` computed over all calls at once.
 
-    :meth:`arm` attaches the hooks (called from the loss's backward); they remove themselves after
-    the last expected call, and :meth:`disarm` removes them in any case.
+    `arm()` attaches the hooks (called from the loss's backward); they remove themselves after
+    the last expected call, and `disarm()` removes them in any case.
     """
 
     def __init__(self, capture: HiddenStateCapture, grads: Sequence[Mapping[str, torch.Tensor]]) -> None:
@@ -142,7 +142,7 @@ def attach_replay(loss: torch.Tensor, term: torch.Tensor, calls: Sequence[Captur
                   capture: HiddenStateCapture) -> tuple[torch.Tensor, PenaltyGradientReplay]:
     """``loss + term`` whose backward replays ``∂term/∂(outputs of calls)`` into the cached loss's replay.
 
-    ``calls`` are those of :func:`replay_leaves` (``term`` was computed from their outputs).
+    ``calls`` are those of `replay_leaves()` (``term`` was computed from their outputs).
     Returns the new loss (``term`` enters it as a value only) and the armed-on-backward replay.
     """
     leaves = [(i, name, h) for i, call in enumerate(calls) for name, h in call.outputs.items()]

@@ -2,10 +2,10 @@
 
 A step may call the model several times (sentence-transformers runs it once per text column, a
 cached loss once per mini-batch), each call padded to its own length. For every penalised layer,
-:func:`call_samples` applies a *samples function* ``(layer, output, inputs) → (x (N, p), mask (N,) | None)``
-to the layer's output in each call, with that call's own inputs; :func:`assemble_samples` then
-concatenates the calls' samples into one :class:`DecorrSamples` per layer. The trainer passes its
-:meth:`~hf_decorr.trainer.DecorrTrainerMixin.decorr_samples` override point; ``hf-decorr inspect``
+`call_samples()` applies a *samples function* ``(layer, output, inputs) → (x (N, p), mask (N,) | None)``
+to the layer's output in each call, with that call's own inputs; `assemble_samples()` then
+concatenates the calls' samples into one [`DecorrSamples`][hf_decorr.DecorrSamples] per layer. The trainer passes its
+[`decorr_samples()`][hf_decorr.DecorrTrainerMixin.decorr_samples] override point; ``hf-decorr inspect``
 passes a plain pooling function. What a samples function returns is checked here (shape, dtype,
 device, and at λ > 0 that it still depends on the layer's output), with messages naming ``decorr_samples``.
 """
@@ -66,7 +66,8 @@ def default_samples(layer: str, output: torch.Tensor, inputs: Mapping[str, Any],
                     decoder: bool = False, layout: SequenceLayout = DEFAULT_LAYOUT
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The trainer's default samples of one call: the output as batch positions
-    (:func:`hf_decorr.layouts.to_positions`: feature maps, sequence-first, internally padded, prefixed and
+    ([`hf_decorr.layouts.to_positions()`][hf_decorr.to_positions]: feature maps, sequence-first, internally padded,
+    prefixed and
     downsampled layouts, per ``layout``), the mask named by ``mask_source`` (``decorr_mask``) mapped onto them,
     pooled per ``pooling`` (``decorr_pooling``).
     ``MissingMaskError`` when a ``(B, T, p)`` output has no mask while the inputs hold keys that look like one
@@ -168,7 +169,7 @@ def call_samples(
     """``layer → [(x, mask, pooled) per call]``: ``samples_fn`` on every recorded output, with its call's inputs.
 
     Args:
-        calls: the recorded calls (:meth:`~hf_decorr.capture.HiddenStateCapture.sample_calls`).
+        calls: the recorded calls ([`sample_calls()`][hf_decorr.HiddenStateCapture.sample_calls]).
         inputs: the batch, used for a call whose own inputs were not observed.
         pooling: ``decorr_pooling``; rows are pooled (one per sequence) unless it is ``"tokens"``
             and the output is ``(B, T, p)``.
@@ -226,7 +227,8 @@ def assemble_samples(
     decoder_side: Mapping[str, bool],
     pooled_rows_bound: int | None,
 ) -> list[DecorrSamples]:
-    """One :class:`DecorrSamples` per layer (in the order of ``parts_by_layer``): its calls' samples concatenated.
+    """One [`DecorrSamples`][hf_decorr.DecorrSamples] per layer (in the order of ``parts_by_layer``): its calls'
+    samples concatenated.
 
     ``pooled_rows_bound``: the per-device batch size, a bound of the pooled rows of a single call
     on every process (several calls are not bounded by it).

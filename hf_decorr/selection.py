@@ -1,11 +1,11 @@
 """The layers a trainer penalises, from the first forward pass on.
 
-:class:`PenalisedLayers` holds, for one model, the :class:`~hf_decorr.capture.LayerChoice` and what follows from
-it: per layer its side (encoder / decoder), its :class:`~hf_decorr.layouts.SequenceLayout` and, once it has run,
-the width of its samples. The first recorded pass (:meth:`PenalisedLayers.settle`) keeps the stacks that ran
+`PenalisedLayers` holds, for one model, the [`LayerChoice`][hf_decorr.LayerChoice] and what follows from
+it: per layer its side (encoder / decoder), its [`SequenceLayout`][hf_decorr.SequenceLayout] and, once it has run,
+the width of its samples. The first recorded pass (`PenalisedLayers.settle()`) keeps the stacks that ran
 (one line says which), refuses a layer that did not run and that no block of its stack stands in for, and stops
 recording the probe modules. Afterwards a layer that does not run in a step (LayerDrop, a tower that the batch does
-not use) is given zero valid rows of its known width (:meth:`PenalisedLayers.complete`): its penalty is 0 there and
+not use) is given zero valid rows of its known width (`PenalisedLayers.complete()`): its penalty is 0 there and
 every process still computes the same layers, so the collectives of ``decorr_sync="global"`` stay in step.
 """
 
@@ -49,7 +49,7 @@ class PenalisedLayers:
     @classmethod
     def resolve(cls, model: nn.Module, specs: Sequence[str], names: Sequence[str], pooling: str) -> PenalisedLayers:
         """The layers of ``model``: ``names`` from the trainer's ``decorr_resolve_layers``. When they are the
-        default's, the :class:`~hf_decorr.capture.LayerChoice` of ``specs`` (pending where a tower may not run);
+        default's, the [`LayerChoice`][hf_decorr.LayerChoice] of ``specs`` (pending where a tower may not run);
         an override's own names are used as they are."""
         try:
             choice = LayerChoice.resolve(model, specs)
@@ -89,7 +89,7 @@ class PenalisedLayers:
 
     def settle_first(self, capture: HiddenStateCapture,
                      union: Callable[[list[str], set[str]], set[str]] | None = None) -> None:
-        """:meth:`settle` after the first recorded pass (nothing afterwards); the line it returns goes to the
+        """`settle()` after the first recorded pass (nothing afterwards); the line it returns goes to the
         ``hf_decorr`` logger at ``INFO``."""
         if self.first_pass:
             line = self.settle(capture, union)
@@ -170,7 +170,7 @@ class PenalisedLayers:
 
 
 def processes_union(accelerator, device: torch.device) -> Callable[[list[str], set[str]], set[str]] | None:
-    """``union(probe, ran)`` for :meth:`PenalisedLayers.settle`: the probe modules that ran on any process (one
+    """``union(probe, ran)`` for `PenalisedLayers.settle()`: the probe modules that ran on any process (one
     all-reduce of a flag per module); ``None`` with one process."""
     if accelerator.num_processes == 1:
         return None

@@ -25,11 +25,12 @@ through the loss's own grad-enabled replay of those calls during ``backward``.
 
 **Layers** (``decorr_layers``) are resolved on the ``SentenceTransformer``; names are relative to
 it (``0.model.encoder.layer.5`` for the BERT inside ``Transformer`` module ``0``). Besides the forms of
-:func:`hf_decorr.resolve_layers` (``last``, ``all``, ``-1``, globs), two names address the
+[`hf_decorr.resolve_layers()`][hf_decorr.resolve_layers] (``last``, ``all``, ``-1``, globs), two names address the
 sentence embedding, one ``(B, p)`` sample per text:
 
 * ``"embedding"``: the embedding ``encode`` returns (the output of the last module, e.g. after
-  ``Dense`` and ``Normalize``); the default of :class:`DecorrSentenceTransformerTrainingArguments`.
+  ``Dense`` and ``Normalize``); the default of
+  [`DecorrSentenceTransformerTrainingArguments`][hf_decorr.sentence_transformers.DecorrSentenceTransformerTrainingArguments].
 * ``"pooled"``: the output of the ``Pooling`` module (before ``Dense`` / ``Normalize``).
 
 ``last`` (or ``-1``) penalises the token outputs of the transformer's last block instead.
@@ -77,7 +78,7 @@ EMBEDDING_SPECS = ("embedding", "pooled")
 
 @dataclass
 class DecorrSentenceTransformerTrainingArguments(DecorrConfig, SentenceTransformerTrainingArguments):
-    """``SentenceTransformerTrainingArguments`` plus the decorr settings of :class:`~hf_decorr.DecorrConfig`.
+    """``SentenceTransformerTrainingArguments`` plus the decorr settings of [`DecorrConfig`][hf_decorr.DecorrConfig].
 
     ``decorr_layers`` defaults to ``["embedding"]``: the sentence embedding ``encode`` returns.
     """
@@ -129,7 +130,7 @@ def resolve_sentence_transformer_layers(model: nn.Module, specs: list[str]) -> t
 class DecorrSentenceTransformerTrainer(DecorrTrainerMixin, SentenceTransformerTrainer):
     """``SentenceTransformerTrainer`` with the covariance penalty (see the module docstring).
 
-    ``args`` must be a :class:`DecorrSentenceTransformerTrainingArguments`. Everything else is
+    ``args`` must be a ``DecorrSentenceTransformerTrainingArguments`` (below). Everything else is
     the ``SentenceTransformerTrainer`` API (datasets with text columns, any sentence-transformers
     loss, evaluators); the logs add ``task_loss``, ``decorr_loss``, ``decorr_weight`` and the
     evaluation adds ``eval_decorr_*`` metrics over every call of the model on the eval set.

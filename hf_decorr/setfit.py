@@ -1,10 +1,11 @@
 """SetFit: the covariance penalty in SetFit's embedding phase.
 
-``setfit.Trainer`` is not a ``transformers.Trainer``, so :class:`~hf_decorr.DecorrTrainerMixin`
+``setfit.Trainer`` is not a ``transformers.Trainer``, so [`DecorrTrainerMixin`][hf_decorr.DecorrTrainerMixin]
 cannot be mixed into it (that raises ``TypeError``). SetFit trains in two phases: the embedding
 phase fine-tunes the ``SentenceTransformer`` body on pairs with a sentence-transformers trainer
 that SetFit builds itself (``trainer.st_trainer``, with its own training arguments derived from
-SetFit's), then the classifier head is fitted on the embeddings. :func:`decorr_setfit_trainer`
+SetFit's), then the classifier head is fitted on the embeddings.
+[`decorr_setfit_trainer()`][hf_decorr.setfit.decorr_setfit_trainer]
 rebuilds that inner trainer as a decorr trainer, so the embedding phase trains with
 ``task loss + λ · Σ_layers L_Σ``; the head phase is unchanged::
 
@@ -16,8 +17,9 @@ rebuilds that inner trainer as a decorr trainer, so the embedding phase trains w
     decorr_setfit_trainer(trainer, decorr_weight=3e4, decorr_layers=["embedding"])
     trainer.train()
 
-Needs setfit (``pip install setfit``). The settings are :class:`~hf_decorr.DecorrConfig`'s fields
-(``decorr_layers`` as in :mod:`hf_decorr.sentence_transformers`: ``"embedding"`` by default).
+Needs setfit (``pip install setfit``). The settings are [`DecorrConfig`][hf_decorr.DecorrConfig]'s fields
+(``decorr_layers`` as in [`hf_decorr.sentence_transformers`][hf_decorr.sentence_transformers]: ``"embedding"`` by
+default).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ FOREIGN_TRAINER_HINT = (
     "which makes its embedding phase (a sentence-transformers trainer) train with the penalty."
 )
 """What the error says to a user who mixes ``DecorrTrainerMixin`` into ``setfit.Trainer``: use
-:func:`decorr_setfit_trainer` instead."""
+[`decorr_setfit_trainer()`][hf_decorr.setfit.decorr_setfit_trainer] instead."""
 
 _DECORR_FIELDS = {f.name for f in dataclasses.fields(DecorrConfig)}
 
@@ -56,7 +58,8 @@ class DecorrSetFitEmbeddingTrainer(DecorrTrainerMixin, _setfit_trainer.BCSentenc
     def decorr_resolve_layers(self, model):
         """``decorr_layers`` resolved on SetFit's ``SentenceTransformer`` (``"embedding"``, ``"pooled"`` included).
 
-        Returns ``(names, output_keys)`` as :meth:`hf_decorr.DecorrTrainerMixin.decorr_resolve_layers`.
+        Returns ``(names, output_keys)`` as
+        [`hf_decorr.DecorrTrainerMixin.decorr_resolve_layers()`][hf_decorr.DecorrTrainerMixin.decorr_resolve_layers].
         """
         return resolve_sentence_transformer_layers(model, list(self.args.decorr_layers))
 
@@ -64,7 +67,7 @@ class DecorrSetFitEmbeddingTrainer(DecorrTrainerMixin, _setfit_trainer.BCSentenc
 def decorr_setfit_trainer(trainer: setfit.Trainer, **decorr_settings: Any) -> setfit.Trainer:
     """Make ``trainer``'s embedding phase train with the penalty; returns ``trainer``.
 
-    ``decorr_settings`` are fields of :class:`~hf_decorr.DecorrConfig` (``decorr_weight``,
+    ``decorr_settings`` are fields of [`DecorrConfig`][hf_decorr.DecorrConfig] (``decorr_weight``,
     ``decorr_layers``, ``decorr_penalty``, ...), validated as in the training arguments. The
     inner trainer ``trainer.st_trainer`` is rebuilt (SetFit builds it with its own arguments),
     keeping SetFit's callbacks; call this once, after building ``trainer`` and before ``train``.

@@ -14,17 +14,18 @@ only active inside the training forward and the evaluation's prediction steps.
 This module holds the ``Trainer`` overrides and the public override points; each delegates to a
 module that owns one mechanism and never imports the trainer:
 
-* :mod:`hf_decorr.capture` — finding the layers and recording their outputs per forward call;
-* :mod:`hf_decorr.samples` — turning each call's outputs into samples ``(N, p)``;
-* :mod:`hf_decorr.engine` — computing each layer's penalty (fused, low-memory, stacked, global);
-* :mod:`hf_decorr.replay` — the penalty's gradient for cached losses;
-* :mod:`hf_decorr.monitor` — the log window and the divergence guard;
-* :mod:`hf_decorr.model_card` — the model card.
+* `hf_decorr.capture` — finding the layers and recording their outputs per forward call;
+* `hf_decorr.samples` — turning each call's outputs into samples ``(N, p)``;
+* `hf_decorr.engine` — computing each layer's penalty (fused, low-memory, stacked, global);
+* `hf_decorr.replay` — the penalty's gradient for cached losses;
+* `hf_decorr.monitor` — the log window and the divergence guard;
+* `hf_decorr.model_card` — the model card.
 
 Public override points (subclass and override; each is documented and tested):
-:meth:`~DecorrTrainerMixin.decorr_samples`, :meth:`~DecorrTrainerMixin.decorr_penalty`,
-:meth:`~DecorrTrainerMixin.decorr_layer_weight`, and for integrations whose models are not
-plain transformers models, :meth:`~DecorrTrainerMixin.decorr_resolve_layers`.
+[`decorr_samples()`][hf_decorr.DecorrTrainerMixin.decorr_samples],
+[`decorr_penalty()`][hf_decorr.DecorrTrainerMixin.decorr_penalty],
+[`decorr_layer_weight()`][hf_decorr.DecorrTrainerMixin.decorr_layer_weight], and for integrations whose models are not
+plain transformers models, [`decorr_resolve_layers()`][hf_decorr.DecorrTrainerMixin.decorr_resolve_layers].
 """
 
 from __future__ import annotations
@@ -133,15 +134,15 @@ else:
 class DecorrTrainerMixin(_TrainerBase):
     """Mix into any ``transformers.Trainer`` subclass, *before* it in the bases (see the module docstring).
 
-    ``args`` must be a :class:`~hf_decorr.config.DecorrConfig` (e.g. ``DecorrTrainingArguments``);
+    ``args`` must be a [`DecorrConfig`][hf_decorr.DecorrConfig] (e.g. ``DecorrTrainingArguments``);
     ``decorr_layers`` is resolved when the trainer is built, so a bad spec fails before training.
 
     Args:
         decorr_penalty_fn: optional penalty used instead of ``args.decorr_penalty``, as ``Trainer`` takes
-            ``compute_loss_func``: a :class:`~hf_decorr.penalties.Penalty`, or a callable of the covariance
+            ``compute_loss_func``: a [`Penalty`][hf_decorr.Penalty], or a callable of the covariance
             ``C (..., p, p) → (...)`` (``C`` with ``1/(N−1)``).
 
-    After each evaluation, :attr:`decorr_last_eval_covariances` holds each penalised layer's float64
+    After each evaluation, `decorr_last_eval_covariances` holds each penalised layer's float64
     covariance ``(p, p)`` over the whole evaluation set (CPU, summed over processes).
     """
 
@@ -222,8 +223,8 @@ class DecorrTrainerMixin(_TrainerBase):
 
         ``Trainer.create_model_card``'s parameters in its order, then hf_decorr's (keyword-only). Called by
         ``Trainer.push_to_hub()``, so a plain ``trainer.push_to_hub()`` uploads it: the formula, λ, the layers,
-        the penalty, pooling, mask and the last evaluation's metrics (:func:`hf_decorr.model_card.trainer_model_card`;
-        ``card_options`` go to :func:`~hf_decorr.model_card.decorr_model_card`). ``language``, ``dataset_tags``
+        the penalty, pooling, mask and the last evaluation's metrics (`hf_decorr.model_card.trainer_model_card()`;
+        ``card_options`` go to `decorr_model_card()`). ``language``, ``dataset_tags``
         and ``dataset_args`` are accepted and not used. Models that are not transformers ``PreTrainedModel`` s
         (e.g. sentence-transformers) keep their trainer's own card, given ``Trainer``'s parameters.
         """
@@ -254,7 +255,7 @@ class DecorrTrainerMixin(_TrainerBase):
         """The samples of one penalised layer for this step. Can be overridden.
 
         Args:
-            layer: the module's name, relative to the unwrapped model (see :attr:`decorr_layer_names`).
+            layer: the module's name, relative to the unwrapped model (see `decorr_layer_names`).
             output: the module's output tensor in one forward call of the model, ``(B, p)`` or
                 ``(B, T, p)``; it carries the graph.
             inputs: the inputs of *that call* (its keyword arguments: ``input_ids``,
@@ -270,7 +271,7 @@ class DecorrTrainerMixin(_TrainerBase):
             ``(x, mask)``: floating samples ``x (N, p)`` (at λ > 0, a differentiable function of ``output``)
             and their validity ``mask`` (bool or 0/1 integers, ``(N,)``; ``None``: every row is valid); rows
             whose mask is false are left out of every sum. The default lays the output out as the batch's positions
-            (:func:`hf_decorr.to_positions`: feature maps, sequence-first, padded or downsampled layers), maps onto
+            ([`to_positions()`][hf_decorr.to_positions]: feature maps, sequence-first, padded, downsampled), maps onto
             them the mask named by ``decorr_mask`` (the attention mask, or ``labels != -100``;
             ``decoder_attention_mask`` on the decoder side) and pools per ``decorr_pooling``.
         """
@@ -309,9 +310,9 @@ class DecorrTrainerMixin(_TrainerBase):
 
         Returns ``(names, output_keys)``: module names (relative to ``model``, in order) and, for a module
         that returns a mapping rather than a tensor, the key of its hidden-state tensor
-        (sentence-transformers modules return a features dict). The default: :meth:`hf_decorr.LayerChoice.resolve`'s
+        (sentence-transformers modules return a features dict). The default: [`LayerChoice`][hf_decorr.LayerChoice]'s
         names (with several candidate stacks, all of them until the first forward pass keeps those that ran) and no
-        keys; an override's own names are used as they are (:mod:`hf_decorr.sentence_transformers`). Called once per
+        keys; an override's own names are used as they are (`hf_decorr.sentence_transformers`). Called once per
         model object.
         """
         return LayerChoice.resolve(model, self.args.decorr_layers).names, {}
@@ -323,7 +324,7 @@ class DecorrTrainerMixin(_TrainerBase):
         return unwrap_peft_model(self.accelerator.unwrap_model(model, keep_torch_compile=False))
 
     def _decorr_prepare(self, model: nn.Module) -> nn.Module:
-        """Resolve ``decorr_layers`` on ``model`` once per model object (:class:`~hf_decorr.selection.PenalisedLayers`,
+        """Resolve ``decorr_layers`` on ``model`` once per model object (`PenalisedLayers`,
         settled by the first forward pass); the hooks are attached per pass."""
         base = self._decorr_unwrap(model)
         if self._decorr_hooked is not base:
@@ -425,7 +426,7 @@ class DecorrTrainerMixin(_TrainerBase):
 
     def training_step(self, model, inputs, *args, **kwargs):
         """``Trainer.training_step``; with the guard on, the last micro-batch of each optimizer step also
-        records whether the gradient norm (before clipping) is finite, on the device (:mod:`hf_decorr.monitor`)."""
+        records whether the gradient norm (before clipping) is finite, on the device (`hf_decorr.monitor`)."""
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self.decorr_guard_active and sync_gradients_now(self.accelerator):
             self.decorr_monitor.observe_gradients(
@@ -435,12 +436,12 @@ class DecorrTrainerMixin(_TrainerBase):
         return loss
 
     def decorr_raise_if_diverged(self, weights: bool, collective: bool = True) -> None:
-        """Raise :class:`~hf_decorr.errors.DivergenceError` if training has diverged (see :mod:`hf_decorr.monitor`).
+        """Raise [`DivergenceError`][hf_decorr.DivergenceError] if training has diverged (see `hf_decorr.monitor`).
 
         Diverged: a non-finite loss, penalty or gradient norm at some optimizer step so far, or, with
         ``weights``, a non-finite trainable parameter now. One host read, and with several processes
         (``collective``) one gather, so that every process stops at the same step. Does nothing when
-        the guard is off (:attr:`decorr_guard_active`).
+        the guard is off ([`decorr_guard_active`][hf_decorr.DecorrTrainerMixin.decorr_guard_active]).
         """
         if not self.decorr_guard_active:
             return
@@ -474,7 +475,7 @@ class DecorrTrainerMixin(_TrainerBase):
     # ---- evaluation ----------------------------------------------------------------------------
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **kwargs):
-        """``Trainer.prediction_step``; inside :meth:`evaluation_loop` it also adds each penalised layer's samples
+        """``Trainer.prediction_step``; inside `evaluation_loop()` it also adds each penalised layer's samples
         of every forward call to float64 statistics (the loss stays the task loss)."""
         stats = self._decorr_eval_stats
         if stats is None:
@@ -494,7 +495,7 @@ class DecorrTrainerMixin(_TrainerBase):
                         metric_key_prefix="eval"):
         """``Trainer.evaluation_loop`` plus ``{metric_key_prefix}_decorr_*`` metrics (MAPC, CVR, TdV, UD, …) of the
         penalised layers over the whole set, per layer (``…/<layer>``) and averaged
-        (:meth:`decorr_metrics_from_stats`)."""
+        ([`decorr_metrics_from_stats()`][hf_decorr.DecorrTrainerMixin.decorr_metrics_from_stats])."""
         self._decorr_eval_stats = {} if self.args.decorr_eval_metrics else None
         try:
             with undo_eval_only_prepare(self):  # an evaluation before train() must not leave DDP unwrapped
@@ -509,7 +510,7 @@ class DecorrTrainerMixin(_TrainerBase):
 
     def decorr_metrics_from_stats(self, stats: dict[str, CovarianceAccumulator], prefix: str) -> dict[str, float]:
         """Sum the statistics over processes, then compute the paper's metrics per layer and their mean
-        (:func:`hf_decorr.evaluation.metrics_from_statistics`); sets :attr:`decorr_last_eval_covariances`.
+        (`hf_decorr.evaluation.metrics_from_statistics()`); sets `decorr_last_eval_covariances`.
 
         Every process must call this (it runs collectives when there are several).
         """
@@ -522,7 +523,7 @@ class DecorrTrainerMixin(_TrainerBase):
     # ---- saving ------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model`` plus ``decorr_config.json``; refuses (:class:`~hf_decorr.errors.DivergenceError`)
+        """``Trainer.save_model`` plus ``decorr_config.json``; refuses ([`DivergenceError`][hf_decorr.DivergenceError])
         to write weights after a divergence or non-finite weights, so nothing diverged is ever saved."""
         # never write non-finite weights (checkpoints come through here too); local check, no collective,
         # so that a save called on the main process only cannot hang
@@ -533,10 +534,10 @@ class DecorrTrainerMixin(_TrainerBase):
 
 
 class DecorrTrainer(DecorrTrainerMixin, Trainer):
-    """``transformers.Trainer`` with the covariance penalty (see :class:`DecorrTrainerMixin`)."""
+    """``transformers.Trainer`` with the penalty (see [`DecorrTrainerMixin`][hf_decorr.DecorrTrainerMixin])."""
 
 
 class DecorrSeq2SeqTrainer(DecorrTrainerMixin, Seq2SeqTrainer):
-    """``transformers.Seq2SeqTrainer`` with the covariance penalty (see :class:`DecorrTrainerMixin`)."""
+    """``transformers.Seq2SeqTrainer`` with the penalty (see [`DecorrTrainerMixin`][hf_decorr.DecorrTrainerMixin])."""
 
     decorr_default_arguments_class = DecorrSeq2SeqTrainingArguments

@@ -6,9 +6,9 @@
                            decorr_mask="labels")        # completion tokens only (prompt and padding excluded)
     trainer = DecorrSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
 
-``DecorrSFTConfig`` is ``SFTConfig`` plus the decorr fields of :class:`~hf_decorr.config.DecorrConfig`
+``DecorrSFTConfig`` is ``SFTConfig`` plus the decorr fields of [`DecorrConfig`][hf_decorr.DecorrConfig]
 (the mixin comes first, because ``TrainingArguments.__post_init__`` does not call ``super()``).
-``DecorrSFTTrainer`` mixes :class:`~hf_decorr.trainer.DecorrTrainerMixin` into ``SFTTrainer``:
+``DecorrSFTTrainer`` mixes [`DecorrTrainerMixin`][hf_decorr.DecorrTrainerMixin] into ``SFTTrainer``:
 the loss becomes ``SFT loss + λ_t · Σ_layers L_Σ``. TRL's fused LM head returns no hidden states;
 the penalty does not need them, since it captures the chosen layers with forward hooks. With
 ``completion_only_loss`` (the default for prompt-completion data) TRL's collator sets the prompt
@@ -36,11 +36,11 @@ __all__ = ["DecorrSFTConfig", "DecorrSFTTrainer"]
 
 @dataclass
 class DecorrSFTConfig(DecorrConfig, SFTConfig):
-    """TRL's ``SFTConfig`` plus the decorr settings of :class:`~hf_decorr.config.DecorrConfig`."""
+    """TRL's ``SFTConfig`` plus the decorr settings of [`DecorrConfig`][hf_decorr.DecorrConfig]."""
 
 
 class DecorrSFTTrainer(DecorrTrainerMixin, SFTTrainer):
-    """TRL's ``SFTTrainer`` with the covariance penalty (see :class:`~hf_decorr.trainer.DecorrTrainerMixin`)."""
+    """TRL's ``SFTTrainer`` with the covariance penalty (see [`DecorrTrainerMixin`][hf_decorr.DecorrTrainerMixin])."""
 
     _tag_names = [*SFTTrainer._tag_names, *CARD_TAGS]
 
@@ -51,7 +51,8 @@ class DecorrSFTTrainer(DecorrTrainerMixin, SFTTrainer):
         **kwargs: Any,
     ) -> None:
         """``SFTTrainer.create_model_card(model_name, dataset_name, tags)`` in TRL's order, writing hf_decorr's card
-        (:meth:`~hf_decorr.trainer.DecorrTrainerMixin.create_model_card`, whose other parameters are accepted as
+        ([`create_model_card()`][hf_decorr.DecorrTrainerMixin.create_model_card], whose other parameters are accepted
+        as
         keywords)."""
         DecorrTrainerMixin.create_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags,
                                              **kwargs)

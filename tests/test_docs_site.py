@@ -300,3 +300,27 @@ def test_the_site_builds_strict(tmp_path):
     reference = (tmp_path / "site" / "reference" / "hf_decorr" / "index.html").read_text(encoding="utf-8")
     for name in importlib.import_module("hf_decorr").__all__:
         assert f'id="hf_decorr.{name}"' in reference, f"{name} is not rendered in the API reference"
+    # docstrings are written for this renderer: no raw Sphinx role on any page, and cross-references are links
+    raw = []
+    for root, _, files in os.walk(tmp_path / "site"):
+        for name in files:
+            if name.endswith(".html"):
+                text = open(os.path.join(root, name), encoding="utf-8").read()
+                raw += [f"{name}: {m}" for m in SPHINX_ROLE.findall(text)]
+    assert raw == [], f"raw Sphinx roles in the built site: {raw[:10]}"
+    assert 'href="#hf_decorr.Penalty"' in reference  # e.g. DecorrTrainerMixin's docstring links to Penalty
+
+
+SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):`[^`]*`")
+
+
+def test_docstrings_use_no_sphinx_roles():
+    """The site renders Markdown with mkdocs-autorefs links (``[`Penalty`][hf_decorr.Penalty]``), not reST roles."""
+    found = []
+    for root, _, files in os.walk(os.path.join(REPO_ROOT, "hf_decorr")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                text = open(path, encoding="utf-8").read()
+                found += [f"{os.path.relpath(path, REPO_ROOT)}: {m}" for m in SPHINX_ROLE.findall(text)]
+    assert found == [], found[:10]

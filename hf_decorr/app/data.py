@@ -8,12 +8,12 @@ Two sources, never mixed:
   SST-2), ``.json`` / ``.jsonl`` (JSON lines), ``.parquet`` or ``.txt`` (one row per line, line
   breaks kept, column ``text``).
 
-For causal language models, :func:`tokenize_into_blocks` (a corpus: tokenize, concatenate, cut
-into blocks, as transformers' ``run_clm.py``) and :func:`tokenize_prompt_completion` (instruction
+For causal language models, `tokenize_into_blocks()` (a corpus: tokenize, concatenate, cut
+into blocks, as transformers' ``run_clm.py``) and `tokenize_prompt_completion()` (instruction
 data: labels -100 on the prompt).
 
 Every failure (a missing file, an unknown extension, a data set that cannot be reached, a
-column that does not exist) raises :class:`~hf_decorr.app.parser.RecipeError` naming the option.
+column that does not exist) raises `RecipeError` naming the option.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def load_text_datasets(
 def require_columns(datasets, columns: Mapping[str, str | None], splits: list[str] | None = None) -> None:
     """Check that every named column exists in every split (``columns``: option name → column).
 
-    Raises :class:`RecipeError` such as ``text_column='sentnce' is not a column of the 'train'
+    Raises `RecipeError` such as ``text_column='sentnce' is not a column of the 'train'
     split (its columns: sentence, label)``.
     """
     for split in splits if splits is not None else list(datasets):

@@ -1,8 +1,8 @@
 """Checks of local data files and text columns that name the real cause of bad data in one line.
 
-* :func:`check_local_file` (before ``datasets`` parses a file): an empty or blank file, text that
+* `check_local_file()` (before ``datasets`` parses a file): an empty or blank file, text that
   is not UTF-8 (the byte, its offset and line), a csv/tsv with a header and no rows.
-* :func:`refuse_missing_texts` (after loading): rows whose text is missing (``None``) or empty
+* `refuse_missing_texts()` (after loading): rows whose text is missing (``None``) or empty
   are refused, with their count and the first row numbers, rather than trained as ``""``.
 """
 
@@ -21,7 +21,7 @@ _CHUNK = 1 << 20
 
 
 def check_local_file(option: str, path: str, extension: str) -> None:
-    """Raise :class:`RecipeError` for a text data file that is empty, not UTF-8, or a header without rows."""
+    """Raise `RecipeError` for a text data file that is empty, not UTF-8, or a header without rows."""
     if extension not in TEXT_EXTENSIONS:
         if os.path.getsize(path) == 0:
             raise RecipeError(f"{option}={path!r} is empty (0 bytes)")
@@ -66,7 +66,7 @@ def refuse_missing_texts(datasets: Mapping, columns: Mapping[str, str | None], s
     """Refuse rows whose text column is missing (``None``) or empty / blank.
 
     ``columns`` maps an option name to a column (``{"text_column": "sentence"}``); ``None``
-    columns are skipped. Raises :class:`RecipeError` such as ``text_column='sentence': 3 of the 5
+    columns are skipped. Raises `RecipeError` such as ``text_column='sentence': 3 of the 5
     rows of the 'train' split are missing or empty (rows 1, 2, 4)`` (rows counted from 0).
     """
     for split in datasets:

@@ -1,8 +1,8 @@
 """Truncated sentence embeddings and a linear probe: the downstream score as a function of the dimensions kept.
 
-* :func:`label_pairs`: pairs of texts with a similarity score (1 for the same label, 0 for
+* `label_pairs()`: pairs of texts with a similarity score (1 for the same label, 0 for
   different labels), half of each, drawn with a seeded generator; what the recipe trains on.
-* :func:`truncation_indices` / :class:`Truncation`: how ``k`` of the ``p`` dimensions are kept:
+* `truncation_indices()` / `Truncation`: how ``k`` of the ``p`` dimensions are kept:
 
   - ``"variance"``: the ``k`` units of largest variance on the probe's training embeddings, no
     rotation (what a decorrelated embedding is meant to allow);
@@ -10,7 +10,7 @@
     rotation fitted after training: the best linear ``k``-dimensional reconstruction);
   - ``"first"``: the first ``k`` dimensions (what ``MatryoshkaLoss`` trains for).
 
-* :func:`probe_accuracy`: a logistic-regression probe on the kept dimensions (features
+* `probe_accuracy()`: a logistic-regression probe on the kept dimensions (features
   standardised on the probe's training set); its inverse regularisation ``C`` is chosen on the
   development set, and the test set is scored once, with the chosen ``C``.
 """
@@ -78,7 +78,7 @@ class Truncation:
 
 
 def fit_truncation(method: str, train: np.ndarray) -> Truncation:
-    """Fit a :class:`Truncation` on the probe's training embeddings ``train (n, p)``."""
+    """Fit a `Truncation` on the probe's training embeddings ``train (n, p)``."""
     if method not in TRUNCATIONS:
         raise ValueError(f"truncation {method!r} is not valid; choose one of {list(TRUNCATIONS)}")
     train = np.asarray(train, dtype=np.float64)

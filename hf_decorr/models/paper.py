@@ -5,13 +5,13 @@ Each is a ``PreTrainedModel`` with its own ``PretrainedConfig`` (so ``save_pretr
 ``loss``; ``DecorrTrainer`` attaches the penalty to them through ``decorr_layers`` exactly as it
 does to a transformer. The penalised layers are plain modules whose output is ``(batch, p)``:
 
-* :class:`LinearAutoencoder` (``model_type="decorr_linear_autoencoder"``): ``x ∈ R^D`` →
+* `LinearAutoencoder` (``model_type="decorr_linear_autoencoder"``): ``x ∈ R^D`` →
   ``code = W_e x + b_e ∈ R^p`` (module ``code``) → ``x̂ = W_d code + b_d``;
   ``loss = mean((x̂ − x)²)`` over samples and the ``D`` features (the paper's experiment 1).
-* :class:`XorMLP` (``model_type="decorr_xor_mlp"``): ``h₁ = σ(W₁x + b₁)``, ``h₂ = σ(W₂h₁ + b₂)``
+* `XorMLP` (``model_type="decorr_xor_mlp"``): ``h₁ = σ(W₁x + b₁)``, ``h₂ = σ(W₂h₁ + b₂)``
   (modules ``hidden.0``, ``hidden.1``), one logistic output ``ŷ = σ(w·h₂ + b)``;
   ``loss = BCE(ŷ, y)`` (experiment 2).
-* :class:`ConvAutoencoder` (``model_type="decorr_conv_autoencoder"``): LeNet-like encoder of two
+* `ConvAutoencoder` (``model_type="decorr_conv_autoencoder"``): LeNet-like encoder of two
   ``conv → activation → 2×2 max-pool`` blocks and two dense layers, the second being the code
   (module ``code``, ``code_size`` units, 84 as in LeNet-5's F6 and the paper); a mirrored decoder
   of two dense layers and two ``2× nearest upsampling → conv`` blocks, sigmoid output in [0, 1];

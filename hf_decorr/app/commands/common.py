@@ -1,9 +1,11 @@
 """What the ``hf-decorr`` subcommands share: loading a model and a text data set, batching,
 streaming the float64 statistics of chosen layers through forward hooks, linear CKA, outputs.
 
-Statistics are the library's own: :class:`hf_decorr.metrics.CovarianceAccumulator` (``n``, ``Σh``,
-``Σhhᵀ`` in float64) and :func:`hf_decorr.metrics.decorrelation_metrics`, with the samples
-made by :func:`hf_decorr.pooling.pool_hidden` from the batch's attention mask, exactly as
+Statistics are the library's own: [`hf_decorr.metrics.CovarianceAccumulator`][hf_decorr.CovarianceAccumulator] (``n``,
+``Σh``,
+``Σhhᵀ`` in float64) and [`hf_decorr.metrics.decorrelation_metrics()`][hf_decorr.decorrelation_metrics], with the
+samples
+made by [`hf_decorr.pooling.pool_hidden()`][hf_decorr.pool_hidden] from the batch's attention mask, exactly as
 ``DecorrTrainer.evaluate()`` computes its ``eval_decorr_*`` metrics. Only the valid samples of a
 batch are added (the same sums as the trainer's masked update).
 
@@ -13,7 +15,7 @@ Linear CKA between two layers ``X (n, p)`` and ``Y (n, q)`` seen on the same sam
     CKA(X, Y) = ‖Y_cᵀ X_c‖_F² / (‖X_cᵀ X_c‖_F · ‖Y_cᵀ Y_c‖_F),
 
 and every term is a centred scatter matrix: ``X_cᵀX_c = Σxxᵀ − Σx Σxᵀ/n`` (likewise for ``Y``
-and for ``Y_cᵀX_c = Σyxᵀ − Σy Σxᵀ/n``), so :class:`PairedStatistics` streams ``Σx, Σy, Σxxᵀ,
+and for ``Y_cᵀX_c = Σyxᵀ − Σy Σxᵀ/n``), so `PairedStatistics` streams ``Σx, Σy, Σxxᵀ,
 Σyyᵀ, Σyxᵀ`` in float64 and no activation is stored.
 """
 
@@ -138,7 +140,7 @@ def _devices_here() -> str:
 
 
 def _device(name: str) -> torch.device:
-    """``--device`` as a torch device that exists on this machine; else one :class:`RecipeError`."""
+    """``--device`` as a torch device that exists on this machine; else one `RecipeError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -281,8 +283,8 @@ def tokenizers_for(tokenizers: str | Sequence[str] | None, count: int) -> list[s
 
 
 def choose_model_layers(loaded: LoadedModel, specs: Sequence[str], option: str = "--layers") -> LayerChoice:
-    """The trainer's choice of layers (:class:`~hf_decorr.capture.LayerChoice`, settled by the first batch of
-    :class:`LayerSamples` when a tower may not run), its errors as one line naming ``option``."""
+    """The trainer's choice of layers ([`LayerChoice`][hf_decorr.LayerChoice], settled by the first batch of
+    `LayerSamples` when a tower may not run), its errors as one line naming ``option``."""
     try:
         choice = LayerChoice.resolve(loaded.model, specs)
     except ValueError as err:
@@ -429,11 +431,11 @@ class LayerSamples:
     """Forward hooks on named modules of a model, giving each batch's valid samples per layer.
 
     Use as a context manager. ``samples(inputs)`` runs the model on ``inputs`` with the hooks of
-    :class:`~hf_decorr.capture.HiddenStateCapture` attached, and returns ``{layer: (n_valid, p)}``
+    [`HiddenStateCapture`][hf_decorr.HiddenStateCapture] attached, and returns ``{layer: (n_valid, p)}``
     (each forward call's outputs laid out and pooled as the trainer's default ``decorr_samples`` does, with
-    the call's own mask, the invalid rows removed, by :func:`hf_decorr.samples.call_samples`) and the
-    model's output. ``names`` may be a :class:`~hf_decorr.capture.LayerChoice`: a pending one is settled by
-    the first batch, as the trainer settles it (:attr:`chosen` then holds the line that says what was chosen).
+    the call's own mask, the invalid rows removed, by `hf_decorr.samples.call_samples()`) and the
+    model's output. ``names`` may be a [`LayerChoice`][hf_decorr.LayerChoice]: a pending one is settled by
+    the first batch, as the trainer settles it (`chosen` then holds the line that says what was chosen).
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str] | LayerChoice, pooling: str) -> None:
@@ -500,7 +502,7 @@ class PairedStatistics:
     """Float64 statistics of two layers seen on the same samples, for linear CKA.
 
     Keeps ``n``, ``Σx (p)``, ``Σy (q)``, ``Σxxᵀ (p, p)``, ``Σyyᵀ (q, q)`` (as two
-    :class:`CovarianceAccumulator`) and ``Σyxᵀ (q, p)``.
+    [`CovarianceAccumulator`][hf_decorr.CovarianceAccumulator]) and ``Σyxᵀ (q, p)``.
     """
 
     def __init__(self) -> None:
@@ -534,7 +536,7 @@ class PairedStatistics:
 
 def metrics_row(acc: CovarianceAccumulator) -> dict[str, float]:
     """One layer's row of the commands' tables: the paper's metrics of the float64 statistics ``acc``
-    (``decorrelation_metrics`` with the trainer's defaults). Not :func:`hf_decorr.app.reporting.layer_metrics`,
+    (``decorrelation_metrics`` with the trainer's defaults). Not `hf_decorr.app.reporting.layer_metrics()`,
     which picks a recipe's per-layer values out of ``trainer.evaluate()`` metrics."""
     return decorrelation_metrics(acc.covariance(), samples=float(acc.statistics()[0]))
 
@@ -544,7 +546,7 @@ def metrics_row(acc: CovarianceAccumulator) -> dict[str, float]:
 
 def check_command_output(path: str, marker: str) -> None:
     """Before any model is loaded: ``--output_dir`` must be a folder that can be written (the recipes'
-    :func:`hf_decorr.app.workspace.check_output_dir`: not empty, not a file, not under a file, its
+    `hf_decorr.app.workspace.check_output_dir()`: not empty, not a file, not under a file, its
     nearest existing folder writable), and an existing folder is replaced only if it is an earlier
     output of this command (it holds ``marker``)."""
     check_output_dir(path, option="--output_dir")

@@ -4,7 +4,7 @@
 * ``compare MODEL_A MODEL_B --data FILE --output_dir OUT``: two models run on the same batches;
   besides both models' metrics this gives the **linear CKA** between corresponding layers
   (the ``i``-th chosen layer of A with the ``i``-th of B), from streamed float64 sums
-  (see :mod:`hf_decorr.app.commands.common`), never from stored activations.
+  (see `hf_decorr.app.commands.common`), never from stored activations.
 
 Writes ``compare.md`` / ``compare.json`` (per layer: A → B and the difference of every metric,
 and CKA), ``metrics_by_layer.png`` (both models' metrics over depth, and CKA), ``spectra.png``

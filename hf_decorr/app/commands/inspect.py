@@ -76,7 +76,7 @@ def stream_statistics(
     loaded: LoadedModel, names: Sequence[str] | LayerChoice, texts: Sequence[Any], args: argparse.Namespace
 ) -> dict[str, CovarianceAccumulator]:
     """Float64 ``(n, Σh, Σhhᵀ)`` of every layer in ``names`` over ``texts`` (a pending
-    :class:`~hf_decorr.capture.LayerChoice` is settled by the first batch, as the trainer settles it; the
+    [`LayerChoice`][hf_decorr.LayerChoice] is settled by the first batch, as the trainer settles it; the
     line that says what was chosen is printed)."""
     stats: dict[str, CovarianceAccumulator] = {}
     with LayerSamples(loaded.model, names, args.pooling) as layers:

@@ -1,7 +1,8 @@
 """``hf-decorr quantize MODEL [MODEL ...] --data FILE``: accuracy with low-precision block outputs.
 
 For a sequence classifier: its accuracy on the data as it is, then with the output of every chosen
-layer (``--layers``, default every block) fake-quantized by :func:`hf_decorr.quantization.fake_quantize`
+layer (``--layers``, default every block) fake-quantized by
+[`hf_decorr.quantization.fake_quantize()`][hf_decorr.fake_quantize]
 for each ``--bits`` (default 8 and 4) and ``--granularity`` (default ``tensor`` and ``token``):
 symmetric, dynamic, ``h' = clamp(round(h / s), −Q, Q) · s`` with ``Q = 2^(bits−1) − 1`` and
 ``s = max|h| / Q`` over the whole output tensor of a batch or over each token's units. The rest of
