@@ -26,7 +26,6 @@ and pooled over the sizes, and every model's figures; ``figures/`` draws them (m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import importlib.util
 import json
@@ -46,9 +45,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from hf_decorr import CovarianceAccumulator, DecorrTrainer, DecorrTrainingArguments, fake_quantize
-from hf_decorr.app.commands.ablate import replace_units
-from hf_decorr.app.commands.common import LayerSamples, accuracy_of, edit_hidden
+from hf_decorr import DecorrTrainer, DecorrTrainingArguments
+from hf_decorr.analysis import classifier_accuracy, keep_units, layer_statistics, paired_differences, quantized_outputs
+from hf_decorr.analysis import sign_test as sign_p
 from hf_decorr.app.outputs import write_json_atomic
 from hf_decorr.atomic import write_text_atomic
 from hf_decorr.metrics import mean_std
@@ -114,7 +113,7 @@ def calibrate(args) -> dict[str, float]:
 
 def batches_of(tokenizer, rows, max_length: int, size: int = 64):
     """``rows`` as ``(dataset, [(row slice, inputs)], labels)``: padded batches of ``size`` in the form
-    :func:`~hf_decorr.app.commands.common.accuracy_of` takes (the same batches as ``hf-decorr ablate``)."""
+    ``hf_decorr.analysis.classifier_accuracy`` takes (the same batches as ``hf-decorr ablate``)."""
     data = encode(tokenizer, rows, max_length)
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     batches = []
@@ -126,24 +125,10 @@ def batches_of(tokenizer, rows, max_length: int, size: int = 64):
     return data, batches, torch.tensor([label for _, label in rows])
 
 
-@contextlib.contextmanager
-def hooked(pairs):
-    """Forward hooks ``[(module, fn)]`` attached for the block."""
-    handles = [module.register_forward_hook(fn) for module, fn in pairs]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def unit_mean(model, layer: str, batches) -> torch.Tensor:
     """The mean of each unit of ``layer``'s output over the non-padding tokens of ``batches`` (as ablate)."""
-    acc = CovarianceAccumulator()
-    with LayerSamples(model, [layer], "tokens") as capture:
-        for _, inputs in batches:
-            acc.update(capture.samples(inputs)[0][layer])
-    return (acc.sum / acc.count).float()
+    count, total, _ = layer_statistics(model, [layer], (inputs for _, inputs in batches))[layer].statistics()
+    return (total / count).float()
 
 
 def measure(trainer, tokenizer, args, dev_rows, test_rows) -> dict:
@@ -151,22 +136,22 @@ def measure(trainer, tokenizer, args, dev_rows, test_rows) -> dict:
     dev_set, dev, dev_labels = batches_of(tokenizer, dev_rows, args.max_length)
     _, test, test_labels = batches_of(tokenizer, test_rows, args.max_length)
     metrics = trainer.evaluate(dev_set, metric_key_prefix="dev")
-    out = {"dev_accuracy": accuracy_of(model, dev, dev_labels), "test_accuracy": accuracy_of(model, test, test_labels),
+    out = {"dev_accuracy": classifier_accuracy(model, dev, dev_labels),
+           "test_accuracy": classifier_accuracy(model, test, test_labels),
            "decorr": {k: metrics[f"dev_decorr_{k}"] for k in ("mapc", "cvr", "ud")}}
     names = [f"bert.encoder.layer.{i}" for i in range(6)]
     blocks = [dict(model.named_modules())[name] for name in names]
     for bits, granularity in QUANT:
-        hook = lambda m, i, o, b=bits, g=granularity: edit_hidden(o, lambda h: fake_quantize(h, b, g))  # noqa: E731
-        with hooked([(block, hook) for block in blocks]):
-            out[f"int{bits}_{granularity}_accuracy"] = accuracy_of(model, dev, dev_labels)
+        with quantized_outputs(blocks, bits, granularity):
+            out[f"int{bits}_{granularity}_accuracy"] = classifier_accuracy(model, dev, dev_labels)
     last = trainer.decorr_last_eval_covariances[trainer.decorr_layer_names[-1]]
     mean = unit_mean(model, names[-1], dev)
     order = torch.argsort(-torch.diagonal(last), stable=True)
     for k in args.topk:
         keep = torch.zeros(last.shape[0], dtype=torch.bool)
         keep[order[:k]] = True
-        with hooked([(blocks[-1], lambda m, i, o, keep=keep: replace_units(o, keep, mean))]):
-            out[f"top{k}_accuracy"] = accuracy_of(model, dev, dev_labels)
+        with keep_units(blocks[-1], keep, mean):
+            out[f"top{k}_accuracy"] = classifier_accuracy(model, dev, dev_labels)
     return out
 
 
@@ -203,17 +188,8 @@ def run_grid(args) -> list[dict]:
 
 
 # Two-sided 95% quantiles of Student's t with df degrees of freedom (df > 20: the normal 1.96)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086}
 ACCURACY = ["dev_accuracy", "test_accuracy", *[f"int{b}_{g}_accuracy" for b, g in QUANT]]
 DECORR = ("mapc", "cvr", "ud")
-
-
-def sign_p(wins: int, losses: int) -> float:
-    """Two-sided sign test: the chance of a split at least this lopsided when either side has chance 1/2."""
-    n, k = wins + losses, max(wins, losses)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n) if n else 1.0
 
 
 def value(row: dict, metric: str) -> float:
@@ -230,12 +206,7 @@ def differences(results: list[dict], metric: str, penalty: str, sizes) -> list[f
 
 def describe(values: list[float]) -> dict:
     """Mean, std, the 95% t interval of the mean, and the sign counts of ``values``."""
-    mean, std, n = mean_std(values)
-    half = T975.get(n - 1, 1.96) * std / math.sqrt(n) if n > 1 else None
-    wins, losses = sum(v > 0 for v in values), sum(v < 0 for v in values)
-    ci95 = [mean - half, mean + half] if half is not None else None  # None: one pair has no interval
-    return {"mean": mean, "std": std, "ci95": ci95, "n": n, "wins": wins, "losses": losses,
-            "sign_p": sign_p(wins, losses)}
+    return paired_differences(values)
 
 
 def paired(results: list[dict], metric: str, penalty: str, size: int | None = None) -> dict:

@@ -374,7 +374,7 @@ def test_blocks_whose_forward_is_called_directly_are_refused_with_a_module_that_
 def test_the_command_line_settles_the_same_choice_as_the_trainer():
     """hf-decorr inspect/compare collect samples through LayerSamples: a pending choice is settled by the first
     batch exactly as the trainer settles it, and the line that says so names the same layers."""
-    from hf_decorr.app.commands.common import LayerSamples
+    from hf_decorr.analysis import LayerSamples
 
     torch.manual_seed(0)
     model = TwoTower(TwoTowerConfig()).eval()

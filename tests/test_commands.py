@@ -16,9 +16,8 @@ from tiny_models import tiny_bert, tiny_word_tokenizer
 from transformers import DataCollatorWithPadding
 
 from hf_decorr import DecorrTrainer, DecorrTrainingArguments
+from hf_decorr.analysis import PairedStatistics, replace_units
 from hf_decorr.app.commands import main
-from hf_decorr.app.commands.ablate import replace_units
-from hf_decorr.app.commands.common import PairedStatistics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("mapc", "cvr", "tdv", "ud", "pca_ud", "cov_l1", "live_units", "samples")

@@ -13,6 +13,8 @@ from conftest import REPO_ROOT
 sys.path.insert(0, os.path.join(REPO_ROOT, "recipes"))
 import penalty_study  # noqa: E402
 
+from hf_decorr.analysis import sign_test  # noqa: E402
+
 
 def test_help_lists_the_options():
     proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "recipes", "penalty_study.py"), "--help"],
@@ -102,13 +104,15 @@ def test_confidence_interval_pooling_and_the_significance_threshold():
     assert pooled["mean"] == pytest.approx((sum(diffs) - 0.15) / 8)
     # p <= 0.05 needs 13 of 16 on one side (2 * 697 / 65536 = 0.021; 12 of 16 gives 0.077); 5 pairs never do
     assert penalty_study.smallest_significant_split(16) == 13
-    assert penalty_study.sign_p(13, 3) == pytest.approx(2 * 697 / 2 ** 16)
+    assert sign_test(13, 3) == pytest.approx(2 * 697 / 2 ** 16)
     assert penalty_study.smallest_significant_split(5) is None
 
 
 def test_t_quantiles_are_students():
     stats = pytest.importorskip("scipy.stats")
-    for df, q in penalty_study.T975.items():
+    from hf_decorr.analysis import T975
+
+    for df, q in T975.items():
         assert q == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4), df
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ...analysis import classifier_accuracy, replace_units
 from ...atomic import staged_directory, write_text_atomic
 from ...metrics import CovarianceAccumulator
 from ..outputs import write_json_atomic
@@ -33,13 +34,11 @@ from ..parser import RecipeError
 from .common import (
     PROG,
     LayerSamples,
-    accuracy_of,
     add_data_arguments,
     add_run_arguments,
     add_tokenizer_argument,
     check_command_output,
     check_figures,
-    edit_hidden,
     labels_of,
     load_model,
     load_texts,
@@ -51,7 +50,7 @@ from .common import (
     tokenizers_for,
 )
 
-__all__ = ["add_arguments", "run", "replace_units", "ABLATION_NAME"]
+__all__ = ["add_arguments", "run", "ABLATION_NAME"]
 
 ABLATION_NAME = "ablation.json"
 
@@ -69,15 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", nargs="+", metavar="NAME", help="labels of the models (default: folder names)")
     parser.add_argument("--output_dir", required=True, help="folder for ablation.md, ablation.json, ablation.png")
     parser.add_argument("--no_figures", action="store_true", help="write the tables only (no matplotlib needed)")
-
-
-def replace_units(output: Any, keep: torch.Tensor, mean: torch.Tensor) -> Any:
-    """``output`` with its hidden-state tensor ``h (..., p)`` changed to ``where(keep, h, mean)``.
-
-    ``keep`` is a ``(p,)`` bool mask, ``mean`` ``(p,)``. Tensors, tuples / lists (the first tensor)
-    and ``ModelOutput`` / mappings (``last_hidden_state`` or the first tensor) are handled.
-    """
-    return edit_hidden(output, lambda h: torch.where(keep.to(h.device), h, mean.to(device=h.device, dtype=h.dtype)))
 
 
 def default_grid(width: int, extra: Sequence[int]) -> list[int]:
@@ -150,7 +140,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             handle = r["_module"].register_forward_hook(
                 lambda module, inputs, output, keep=keep, mean=r["_mean"]: replace_units(output, keep, mean))
             try:
-                r["accuracy"][k] = accuracy_of(r["_model"], r["_batches"], r["_labels"])
+                r["accuracy"][k] = classifier_accuracy(r["_model"], r["_batches"], r["_labels"])
             finally:
                 handle.remove()
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]

@@ -15,7 +15,7 @@ Linear CKA between two layers ``X (n, p)`` and ``Y (n, q)`` seen on the same sam
     CKA(X, Y) = ‖Y_cᵀ X_c‖_F² / (‖X_cᵀ X_c‖_F · ‖Y_cᵀ Y_c‖_F),
 
 and every term is a centred scatter matrix: ``X_cᵀX_c = Σxxᵀ − Σx Σxᵀ/n`` (likewise for ``Y``
-and for ``Y_cᵀX_c = Σyxᵀ − Σy Σxᵀ/n``), so `PairedStatistics` streams ``Σx, Σy, Σxxᵀ,
+and for ``Y_cᵀX_c = Σyxᵀ − Σy Σxᵀ/n``), so `hf_decorr.analysis.PairedStatistics` streams ``Σx, Σy, Σxxᵀ,
 Σyyᵀ, Σyxᵀ`` in float64 and no activation is stored.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,11 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...capture import HiddenStateCapture, LayerChoice, first_tensor, modules_by_name, resolve_layers
-from ...layouts import layout_for
+from ... import analysis
+from ...capture import LayerChoice, resolve_layers
 from ...metrics import CovarianceAccumulator, decorrelation_metrics
 from ...pooling import POOLINGS
-from ...samples import assemble_samples, call_samples, default_samples
 from ..data import load_text_datasets, require_columns
 from ..datacheck import refuse_missing_texts
 from ..models import load_pretrained_config, load_tokenizer, resolve_model_path
@@ -48,7 +46,6 @@ __all__ = [
     "METRIC_COLUMNS",
     "MAX_HEATMAP_UNITS",
     "LoadedModel",
-    "PairedStatistics",
     "add_data_arguments",
     "add_run_arguments",
     "add_tokenizer_argument",
@@ -60,8 +57,6 @@ __all__ = [
     "tokenized_batches",
     "labels_of",
     "model_batches",
-    "accuracy_of",
-    "edit_hidden",
     "LayerSamples",
     "metrics_row",
     "short_name",
@@ -427,111 +422,18 @@ def tokenized_batches(
 # ------------------------------------------------------------------------------------------ statistics
 
 
-class LayerSamples:
-    """Forward hooks on named modules of a model, giving each batch's valid samples per layer.
+class LayerSamples(analysis.LayerSamples):
+    """[`hf_decorr.analysis.LayerSamples`][hf_decorr.analysis.LayerSamples] with its errors as one line naming the
+    commands' options (``--layers``, ``--pooling``) instead of the trainer's settings."""
 
-    Use as a context manager. ``samples(inputs)`` runs the model on ``inputs`` with the hooks of
-    [`HiddenStateCapture`][hf_decorr.HiddenStateCapture] attached, and returns ``{layer: (n_valid, p)}``
-    (each forward call's outputs laid out and pooled as the trainer's default ``decorr_samples`` does, with
-    the call's own mask, the invalid rows removed, by `hf_decorr.samples.call_samples()`) and the
-    model's output. ``names`` may be a [`LayerChoice`][hf_decorr.LayerChoice]: a pending one is settled by
-    the first batch, as the trainer settles it (`chosen` then holds the line that says what was chosen).
-    """
-
-    def __init__(self, model: nn.Module, names: Sequence[str] | LayerChoice, pooling: str) -> None:
-        modules = modules_by_name(model)
-        self.model = model
-        self.choice = names if isinstance(names, LayerChoice) else None
-        self.names = list(names.names if isinstance(names, LayerChoice) else names)
-        self.pooling = pooling
-        self.chosen: str | None = None
-        probe = self.choice.probe_names() if self.choice is not None and self.choice.pending else self.names
-        self.capture = HiddenStateCapture({name: modules[name] for name in probe if name in modules}, root=model)
-        self.capture.lenient = set(probe) - set(self.names)
-
-    def __enter__(self) -> LayerSamples:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.capture.detach()
-
-    def _pool(self, name: str, hidden: torch.Tensor, inputs: Mapping[str, Any]):
+    def samples(self, inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
         try:
-            return default_samples(name, hidden, inputs, pooling=self.pooling, mask_source="attention_mask",
-                                   layout=layout_for(self.model, name))
+            return super().samples(inputs)
+        except TypeError as err:  # a tokenizer output the model does not accept
+            raise RecipeError(f"the model does not accept the tokenizer's inputs: {one_line(err)}") from None
         except ValueError as err:
             raise RecipeError(one_line(err, 400).replace("decorr_pooling", "--pooling")
                               .replace("decorr_layers", "--layers")) from None
-
-    def _settle(self, calls) -> None:
-        if self.choice is None or not self.choice.pending:
-            return
-        ran = set(self.capture.ran_only) | {name for call in calls for name in (*call.outputs, *call.no_grad_layers)}
-        try:
-            self.chosen = self.choice.settle(self.model, ran)
-        except ValueError as err:
-            raise RecipeError(one_line(err, 400).replace("decorr_layers", "--layers")) from None
-        self.names = list(self.choice.names)
-        self.capture.modules = {name: m for name, m in self.capture.modules.items() if name in self.names}
-        self.capture.lenient = set()
-
-    @torch.no_grad()
-    def samples(self, inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
-        with self.capture.recording("eval"):
-            try:
-                output = self.model(**inputs)
-            except TypeError as err:  # a tokenizer output the model does not accept
-                raise RecipeError(f"the model does not accept the tokenizer's inputs: {one_line(err)}") from None
-        try:
-            calls = self.capture.sample_calls()
-            self._settle(calls)
-            missing = [name for name in self.names if not any(name in call.outputs for call in calls)]
-            if missing:
-                raise RecipeError(f"--layers: module {missing[0]!r} did not run in the model's forward pass")
-            parts = call_samples(calls, inputs, self.names, self._pool, pooling=self.pooling, strict=True)
-        finally:
-            self.capture.clear()
-        out = {}
-        for sample in assemble_samples(parts, decoder_side={}, pooled_rows_bound=None):
-            valid = sample.mask
-            out[sample.layer] = sample.x if valid is None else sample.x.index_select(0, valid.nonzero().squeeze(-1))
-        return out, output
-
-
-class PairedStatistics:
-    """Float64 statistics of two layers seen on the same samples, for linear CKA.
-
-    Keeps ``n``, ``Σx (p)``, ``Σy (q)``, ``Σxxᵀ (p, p)``, ``Σyyᵀ (q, q)`` (as two
-    [`CovarianceAccumulator`][hf_decorr.CovarianceAccumulator]) and ``Σyxᵀ (q, p)``.
-    """
-
-    def __init__(self) -> None:
-        self.x = CovarianceAccumulator()
-        self.y = CovarianceAccumulator()
-        self.cross: torch.Tensor | None = None
-
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add paired samples ``x (N, p)`` and ``y (N, q)`` (row ``i`` of both is the same input)."""
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"paired samples need the same number of rows, got {x.shape[0]} and {y.shape[0]}")
-        x, y = x.detach().double(), y.detach().to(device=x.device, dtype=torch.float64)
-        self.x.update(x)
-        self.y.update(y)
-        cross = y.T @ x
-        self.cross = cross if self.cross is None else self.cross + cross
-
-    def linear_cka(self) -> float:
-        """``‖Y_cᵀX_c‖_F² / (‖X_cᵀX_c‖_F ‖Y_cᵀY_c‖_F)`` from the sums; NaN if a layer is constant."""
-        if self.cross is None:
-            raise ValueError("no samples were accumulated")
-        (n, sx, xx), (_, sy, yy) = self.x.statistics(), self.y.statistics()
-        sxx = xx - torch.outer(sx, sx) / n
-        syy = yy - torch.outer(sy, sy) / n
-        syx = self.cross - torch.outer(sy, sx) / n
-        denominator = float(torch.linalg.matrix_norm(sxx) * torch.linalg.matrix_norm(syy))
-        if not denominator > 0:
-            return math.nan
-        return float(torch.linalg.matrix_norm(syx) ** 2) / denominator
 
 
 def metrics_row(acc: CovarianceAccumulator) -> dict[str, float]:
@@ -611,35 +513,3 @@ def model_batches(loaded: LoadedModel, texts, args):
     """``[(rows, inputs on the model's device)]``: the texts tokenized in batches of ``--batch_size``."""
     return [(rows, {k: v.to(loaded.device) for k, v in inputs.items()})
             for rows, (inputs,) in tokenized_batches([loaded.tokenizer], texts, args.max_length, args.batch_size)]
-
-
-@torch.no_grad()
-def accuracy_of(model, batches, labels: torch.Tensor) -> float:
-    """The classifier's accuracy over ``model_batches``' batches against ``labels`` (class ids per row)."""
-    correct = 0
-    for rows, inputs in batches:
-        predictions = model(**inputs).logits.argmax(dim=-1).cpu()
-        correct += int((predictions == labels[rows]).sum())
-    return correct / len(labels)
-
-
-def edit_hidden(output: Any, edit) -> Any:
-    """``output`` with its hidden-state tensor ``h`` replaced by ``edit(h)`` (a forward hook's return value).
-
-    Tensors, tuples / lists (the first tensor) and ``ModelOutput`` / mappings (``last_hidden_state`` or
-    the first tensor) are handled.
-    """
-    hidden = first_tensor(output)
-    if hidden is None:
-        raise TypeError(f"the layer's output ({type(output).__name__}) holds no tensor")
-    edited = edit(hidden)
-    if isinstance(output, torch.Tensor):
-        return edited
-    if isinstance(output, (tuple, list)):
-        items = list(output)
-        index = next(i for i, item in enumerate(items) if item is hidden)
-        items[index] = edited
-        return type(output)(items) if isinstance(output, list) else tuple(items)
-    key = next(k for k, v in output.items() if v is hidden)
-    output[key] = edited
-    return output

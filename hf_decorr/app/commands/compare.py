@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ...analysis import PairedStatistics
 from ...atomic import staged_directory, write_text_atomic
 from ..outputs import write_json_atomic
 from ..parser import RecipeError
@@ -28,7 +29,6 @@ from .common import (
     METRIC_COLUMNS,
     PROG,
     LayerSamples,
-    PairedStatistics,
     add_data_arguments,
     add_run_arguments,
     add_tokenizer_argument,

@@ -16,18 +16,17 @@ import os
 import time
 from typing import Any
 
+from ...analysis import classifier_accuracy, quantized_outputs
 from ...atomic import staged_directory, write_text_atomic
-from ...quantization import GRANULARITIES, fake_quantize
+from ...quantization import GRANULARITIES
 from ..outputs import write_json_atomic
 from ..parser import RecipeError
 from .common import (
     PROG,
-    accuracy_of,
     add_data_arguments,
     add_run_arguments,
     add_tokenizer_argument,
     check_command_output,
-    edit_hidden,
     labels_of,
     load_model,
     load_texts,
@@ -88,16 +87,10 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         modules = dict(model.model.named_modules())
         labels = labels_of(rows, args.label_column, model.model)
         batches = model_batches(model, rows[text_column], args)
-        accuracy = {"full": accuracy_of(model.model, batches, labels)}
+        accuracy = {"full": classifier_accuracy(model.model, batches, labels)}
         for bits, granularity in settings:
-            hook = lambda module, inputs, output, b=bits, g=granularity: edit_hidden(  # noqa: E731
-                output, lambda h: fake_quantize(h, b, g))
-            handles = [modules[layer].register_forward_hook(hook) for layer in layers]
-            try:
-                accuracy[f"int{bits}/{granularity}"] = accuracy_of(model.model, batches, labels)
-            finally:
-                for handle in handles:
-                    handle.remove()
+            with quantized_outputs([modules[layer] for layer in layers], bits, granularity):
+                accuracy[f"int{bits}/{granularity}"] = classifier_accuracy(model.model, batches, labels)
         runs.append({"name": name, "model": model.spec, "layers": layers, "accuracy": accuracy})
     report = {"command": command, "texts": len(rows), "bits": widths,
               "granularity": list(args.granularity), "runs": runs,
