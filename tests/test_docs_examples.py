@@ -37,7 +37,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-PAGES = ["README.md"] + sorted(os.path.relpath(path, REPO_ROOT)
+PAGES = ["README.md", "PYPI.md"] + sorted(os.path.relpath(path, REPO_ROOT)
                                for path in glob.glob(os.path.join(REPO_ROOT, "docs", "**", "*.md"), recursive=True))
 PYTHON_LANGS = {"python", "py", "python3"}
 SHELL_LANGS = {"bash", "sh", "shell", "console", "shell-session"}

@@ -19,7 +19,8 @@ from conftest import REPO_ROOT
 
 DOCS = os.path.join(REPO_ROOT, "docs")
 PACKAGE_DIR = os.path.join(REPO_ROOT, "hf_decorr")
-PUBLIC_MODULES = ["hf_decorr", "hf_decorr.analysis", "hf_decorr.trl", "hf_decorr.sentence_transformers", "hf_decorr.setfit"]
+PUBLIC_MODULES = ["hf_decorr", "hf_decorr.analysis", "hf_decorr.trl", "hf_decorr.sentence_transformers",
+                  "hf_decorr.setfit"]
 # the extra each integration module needs (skipped where it is not installed)
 NEEDS = {"hf_decorr.trl": "trl", "hf_decorr.sentence_transformers": "sentence_transformers",
          "hf_decorr.setfit": "setfit"}

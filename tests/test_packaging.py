@@ -128,3 +128,16 @@ def test_the_package_is_marked_typed():
         pyproject = tomllib.load(f)
     assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["hf_decorr"]
     assert pyproject["tool"]["mypy"]["files"] == ["hf_decorr"]
+
+
+def test_the_package_index_page_has_no_link_that_would_break_there():
+    """PyPI shows PYPI.md (``readme``): a link into this repository (``docs/...``) has nothing to point to there."""
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert project["readme"] == "PYPI.md"
+    assert "Typing :: Typed" in project["classifiers"] and project["keywords"]
+    text = open(os.path.join(REPO_ROOT, "PYPI.md"), encoding="utf-8").read()
+    targets = re.findall(r"\]\(([^)]*)\)", text)
+    assert all(t.startswith(("https://", "http://")) for t in targets), targets
+    with open(os.path.join(REPO_ROOT, "MANIFEST.in"), encoding="utf-8") as f:
+        assert "graft docs" in f.read()  # the documentation PYPI.md mentions is in the source distribution

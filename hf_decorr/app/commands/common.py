@@ -1,11 +1,9 @@
 """What the ``hf-decorr`` subcommands share: loading a model and a text data set, batching,
 streaming the float64 statistics of chosen layers through forward hooks, linear CKA, outputs.
 
-Statistics are the library's own: [`hf_decorr.metrics.CovarianceAccumulator`][hf_decorr.CovarianceAccumulator] (``n``,
-``Σh``,
-``Σhhᵀ`` in float64) and [`hf_decorr.metrics.decorrelation_metrics()`][hf_decorr.decorrelation_metrics], with the
-samples
-made by [`hf_decorr.pooling.pool_hidden()`][hf_decorr.pool_hidden] from the batch's attention mask, exactly as
+Statistics are the library's own: [`CovarianceAccumulator`][hf_decorr.CovarianceAccumulator] (``n``, ``Σh``,
+``Σhhᵀ`` in float64) and [`decorrelation_metrics()`][hf_decorr.decorrelation_metrics], with the samples made by
+[`hf_decorr.analysis.LayerSamples`][hf_decorr.analysis.LayerSamples] from the batch's attention mask, exactly as
 ``DecorrTrainer.evaluate()`` computes its ``eval_decorr_*`` metrics. Only the valid samples of a
 batch are added (the same sums as the trainer's masked update).
 
