@@ -106,14 +106,14 @@ def _bad_output_dirs(tmp_path):
 def test_case5_unusable_output_dir_is_one_line_before_any_model_is_loaded(tiny, tmp_path, capsys, monkeypatch,
                                                                          command):
     monkeypatch.chdir(tmp_path)
-    from hf_decorr.app.commands import common
+    from hf_decorr.app.commands import loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the output folder was checked")
 
     for name in ("inspect", "compare", "ablate"):
         monkeypatch.setattr(f"hf_decorr.app.commands.{name}.load_model", no_loading)
-    monkeypatch.setattr(common, "load_model", no_loading)
+    monkeypatch.setattr(loading, "load_model", no_loading)
     models = {"inspect": [tiny["model"]], "compare": [tiny["model"], tiny["model"]],
               "ablate": [tiny["model"], "--layer", "-1"]}[command]
     for output_dir, fragments in _bad_output_dirs(tmp_path):

@@ -27,11 +27,11 @@ from ...version import __version__
 from ..parser import RecipeError
 from .ablate import add_arguments as _ablate_arguments
 from .ablate import run as _ablate
-from .common import PROG
 from .compare import add_arguments as _compare_arguments
 from .compare import run as _compare
 from .inspect import add_arguments as _inspect_arguments
 from .inspect import run as _inspect
+from .options import PROG
 from .quantize import add_arguments as _quantize_arguments
 from .quantize import run as _quantize
 

@@ -31,22 +31,23 @@ from ...atomic import staged_directory, write_text_atomic
 from ...metrics import CovarianceAccumulator
 from ..outputs import write_json_atomic
 from ..parser import RecipeError
-from .common import (
+from .common import LayerSamples, metrics_row
+from .loading import (
+    labels_of,
+    load_model,
+    load_texts,
+    model_batches,
+    quiet_transformers,
+    resolve_model_layers,
+    short_name,
+)
+from .options import (
     PROG,
-    LayerSamples,
     add_data_arguments,
     add_run_arguments,
     add_tokenizer_argument,
     check_command_output,
     check_figures,
-    labels_of,
-    load_model,
-    load_texts,
-    metrics_row,
-    model_batches,
-    quiet_transformers,
-    resolve_model_layers,
-    short_name,
     tokenizers_for,
 )
 

@@ -25,24 +25,25 @@ from ...analysis import PairedStatistics
 from ...atomic import staged_directory, write_text_atomic
 from ..outputs import write_json_atomic
 from ..parser import RecipeError
-from .common import (
-    METRIC_COLUMNS,
-    PROG,
-    LayerSamples,
-    add_data_arguments,
-    add_run_arguments,
-    add_tokenizer_argument,
-    check_command_output,
-    check_figures,
+from .common import METRIC_COLUMNS, LayerSamples
+from .inspect import REPORT_NAME, LayerSet, draw_figures, report_markdown
+from .loading import (
     load_model,
     load_texts,
     quiet_transformers,
     resolve_model_layers,
     short_name,
     tokenized_batches,
+)
+from .options import (
+    PROG,
+    add_data_arguments,
+    add_run_arguments,
+    add_tokenizer_argument,
+    check_command_output,
+    check_figures,
     tokenizers_for,
 )
-from .inspect import REPORT_NAME, LayerSet, draw_figures, report_markdown
 
 __all__ = ["add_arguments", "run", "paired_statistics", "COMPARE_NAME"]
 

@@ -35,21 +35,25 @@ from ..parser import RecipeError, one_line
 from .common import (
     MAX_HEATMAP_UNITS,
     METRIC_COLUMNS,
-    PROG,
     LayerSamples,
+    metrics_row,
+)
+from .loading import (
     LoadedModel,
+    choose_model_layers,
+    load_model,
+    load_texts,
+    quiet_transformers,
+    short_name,
+    tokenized_batches,
+)
+from .options import (
+    PROG,
     add_data_arguments,
     add_run_arguments,
     add_tokenizer_argument,
     check_command_output,
     check_figures,
-    choose_model_layers,
-    load_model,
-    load_texts,
-    metrics_row,
-    quiet_transformers,
-    short_name,
-    tokenized_batches,
 )
 
 __all__ = ["add_arguments", "run", "stream_statistics", "layer_records", "LayerSet", "draw_figures",

@@ -21,12 +21,7 @@ from ...atomic import staged_directory, write_text_atomic
 from ...quantization import GRANULARITIES
 from ..outputs import write_json_atomic
 from ..parser import RecipeError
-from .common import (
-    PROG,
-    add_data_arguments,
-    add_run_arguments,
-    add_tokenizer_argument,
-    check_command_output,
+from .loading import (
     labels_of,
     load_model,
     load_texts,
@@ -34,6 +29,13 @@ from .common import (
     quiet_transformers,
     resolve_model_layers,
     short_name,
+)
+from .options import (
+    PROG,
+    add_data_arguments,
+    add_run_arguments,
+    add_tokenizer_argument,
+    check_command_output,
     tokenizers_for,
 )
 
