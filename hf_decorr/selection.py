@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,8 @@ class PenalisedLayers:
         except ValueError:  # specs that only an override understands (sentence-transformers' "embedding")
             choice = None
         if choice is None or list(names) != choice.names:
-            choice = LayerChoice(tuple(specs or ()), list(names), LayerChoice.resolve(model, []).stack_of)
+            stacks = choice.stack_of if choice is not None else LayerChoice.resolve(model, []).stack_of
+            choice = LayerChoice(tuple(specs or ()), list(names), stacks)
         return cls(model, choice, pooling)
 
     def capture(self, output_keys: dict[str, str] | None = None) -> HiddenStateCapture:
@@ -87,12 +89,11 @@ class PenalisedLayers:
             dtype = torch.promote_types(dtype, torch.float32)
         return positions.shape[-1], pooled, dtype
 
-    def settle_first(self, capture: HiddenStateCapture,
-                     union: Callable[[list[str], set[str]], set[str]] | None = None) -> None:
-        """`settle()` after the first recorded pass (nothing afterwards); the line it returns goes to the
-        ``hf_decorr`` logger at ``INFO``."""
+    def settle_first(self, capture: HiddenStateCapture, accelerator: Any, device: torch.device) -> None:
+        """`settle()` after the first recorded pass, every process on the same layers (`processes_union()`);
+        nothing afterwards. The line it returns goes to the ``hf_decorr`` logger at ``INFO``."""
         if self.first_pass:
-            line = self.settle(capture, union)
+            line = self.settle(capture, processes_union(accelerator, device))
             if line is not None:
                 logging.getLogger(__name__).info(line)
 
@@ -169,7 +170,7 @@ class PenalisedLayers:
         return [by_name[name] for name in self.names]
 
 
-def processes_union(accelerator, device: torch.device) -> Callable[[list[str], set[str]], set[str]] | None:
+def processes_union(accelerator: Any, device: torch.device) -> Callable[[list[str], set[str]], set[str]] | None:
     """``union(probe, ran)`` for `PenalisedLayers.settle()`: the probe modules that ran on any process (one
     all-reduce of a flag per module); ``None`` with one process."""
     if accelerator.num_processes == 1:

@@ -64,7 +64,7 @@ from .samples import (
     check_trainable,
     default_samples,
 )
-from .selection import PenalisedLayers, processes_union
+from .selection import PenalisedLayers
 
 __all__ = ["DecorrTrainerMixin", "DecorrTrainer", "DecorrSeq2SeqTrainer", "DecorrSamples", "MODEL_TAG"]
 
@@ -386,7 +386,7 @@ class DecorrTrainerMixin(_TrainerBase):
         with self._decorr_capture.recording("train"):
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
-        self._decorr_layers.settle_first(self._decorr_capture, processes_union(self.accelerator, self.args.device))
+        self._decorr_layers.settle_first(self._decorr_capture, self.accelerator, self.args.device)
         loss, outputs = result if return_outputs else (result, None)
         step = self.state.global_step
         weights = layer_weights(self.decorr_layer_names, self.decorr_layer_weight, step)
@@ -483,7 +483,7 @@ class DecorrTrainerMixin(_TrainerBase):
         self._decorr_prepare(model)
         with self._decorr_capture.recording("eval"):
             result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **kwargs)
-        self._decorr_layers.settle_first(self._decorr_capture, processes_union(self.accelerator, self.args.device))
+        self._decorr_layers.settle_first(self._decorr_capture, self.accelerator, self.args.device)
         calls = self._decorr_capture.sample_calls()
         self._decorr_capture.clear()
         parts = call_samples(calls, inputs, self.decorr_layer_names, self.decorr_samples,
