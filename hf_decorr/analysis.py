@@ -30,6 +30,7 @@ from torch import nn
 from .capture import HiddenStateCapture, LayerChoice, first_tensor, modules_by_name
 from .layouts import layout_for
 from .metrics import CovarianceAccumulator, mean_std
+from .pooling import POOLINGS
 from .quantization import fake_quantize
 from .samples import assemble_samples, call_samples, default_samples
 
@@ -71,6 +72,8 @@ class LayerSamples:
     chosen: str | None
 
     def __init__(self, model: nn.Module, names: Sequence[str] | LayerChoice, pooling: str = "tokens") -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"decorr_pooling={pooling!r} is not valid; choose one of {list(POOLINGS)}")
         modules = modules_by_name(model)
         self.model = model
         self.choice = names if isinstance(names, LayerChoice) else None
@@ -202,7 +205,13 @@ def replace_units(output: Any, keep: torch.Tensor, mean: torch.Tensor) -> Any:
     """``output`` with its hidden-state tensor ``h (..., p)`` changed to ``where(keep, h, mean)``: the units not
     kept (``keep``, a ``(p,)`` bool mask) set to their ``mean (p,)`` (see
     [`edit_hidden`][hf_decorr.analysis.edit_hidden])."""
-    return edit_hidden(output, lambda h: torch.where(keep.to(h.device), h, mean.to(device=h.device, dtype=h.dtype)))
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        if keep.shape != (h.shape[-1],) or mean.shape != (h.shape[-1],):
+            raise ValueError(f"replace_units: keep and mean must have the layer's {h.shape[-1]} units, shape "
+                             f"({h.shape[-1]},); got {tuple(keep.shape)} and {tuple(mean.shape)}")
+        return torch.where(keep.to(h.device), h, mean.to(device=h.device, dtype=h.dtype))
+
+    return edit_hidden(output, edit)
 
 
 @contextlib.contextmanager

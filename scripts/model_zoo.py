@@ -482,6 +482,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="only write docs/model-zoo.md from the result file given by --output")
     parser.add_argument("--page", default=os.path.join(REPO_ROOT, "docs", "model-zoo.md"))
     args = parser.parse_args(argv)
+    if args.timeout < 1:
+        parser.error(f"--timeout must be at least 1 second, got {args.timeout}")
+    if args.only:
+        known = {model_type for task in args.task for model_type in getattr(modeling_auto, TASKS[task])}
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            parser.error(f"--only {' '.join(unknown)}: not registered for {', '.join(args.task)} in transformers "
+                         f"{transformers.__version__} (e.g. {', '.join(sorted(known)[:8])}, ...)")
     if args.render:
         with open(args.output, encoding="utf-8") as f:
             page = render(json.load(f))

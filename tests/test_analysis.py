@@ -148,3 +148,13 @@ def test_paired_differences_and_sign_test():
     assert got["sign_p"] == pytest.approx(2 * (5 + 1) / 32)  # P(X >= 4 | n = 5, 1/2), two-sided
     assert sign_test(0, 0) == 1.0 and sign_test(8, 0) == pytest.approx(2 / 256)
     assert paired_differences([0.5])["ci95"] is None
+
+
+def test_bad_settings_name_the_option():
+    model = tiny_bert().eval()
+    with pytest.raises(ValueError, match=r"decorr_pooling='max' is not valid; choose one of \['tokens', 'mean'"):
+        LayerSamples(model, ["bert.pooler"], pooling="max")
+    from hf_decorr.analysis import replace_units
+
+    with pytest.raises(ValueError, match=r"keep and mean must have the layer's 5 units"):
+        replace_units(torch.zeros(2, 5), torch.ones(3, dtype=torch.bool), torch.zeros(3))

@@ -4,6 +4,7 @@ rendered as docs/model-zoo.md."""
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -68,3 +69,31 @@ def test_the_whole_sweep_again(tmp_path):
     payload = json.loads(output.read_text())
     counted = [r for r in payload["pairs"] if r["status"] in ("supported", "fails")]
     assert sum(r["status"] == "supported" for r in counted) / len(counted) >= 0.99
+
+
+def _run_script(*argv: str, tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "model_zoo.py"), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_the_command_line_as_the_page_gives_it(tmp_path):
+    """docs/model-zoo.md's commands: --help, --render (the page from the kept file), and a sweep of chosen pairs."""
+    proc = _run_script("--help", tmp_path=tmp_path)
+    assert proc.returncode == 0 and "--render" in proc.stdout and "--only" in proc.stdout
+    page = tmp_path / "page.md"
+    proc = _run_script("--render", "--page", str(page), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert page.read_text(encoding="utf-8") == open(PAGE, encoding="utf-8").read()
+    out = tmp_path / "zoo.json"
+    proc = _run_script("--task", "sequence-classification", "--only", "bert", "--output", str(out), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [(r["model_type"], r["status"]) for r in result["pairs"]] == [("bert", "supported")]
+
+
+@pytest.mark.parametrize("argv,message", [(["--only", "nosuchmodel"], "--only nosuchmodel: not registered"),
+                                          (["--timeout", "0"], "--timeout must be at least 1 second")])
+def test_the_command_line_refuses_bad_options(argv, message, tmp_path):
+    proc = _run_script(*argv, tmp_path=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr
